@@ -1,0 +1,1049 @@
+/* uringloop data plane: the per-event path of the loop, in C.
+ *
+ * How the loop uses the ring
+ * --------------------------
+ * The Python side (the control plane, through cffi) sets up a `struct
+ * io_uring` with the best flags the kernel accepts and hands its address to
+ * `Ring`. From then on everything per event happens here:
+ *
+ * - Requests are prepared into the SQ as the program asks for them, but never
+ *   submitted on their own: `Ring.wait(timeout)` submits everything prepared
+ *   and waits for completions in a single io_uring_enter, with the timeout of
+ *   the next timer (EXT_ARG, no timeout SQE). With DEFER_TASKRUN the kernel
+ *   only runs completion work when we enter it to wait, which is exactly once
+ *   per loop iteration.
+ * - Completions are reaped in one batch, matched to their operation record by
+ *   user_data, and turned into future results (or poll events for the
+ *   readiness API) without running Python bytecode.
+ * - A record, and the Python objects whose memory the kernel uses, stay alive
+ *   until the request's final CQE (the one without IORING_CQE_F_MORE), even if
+ *   the caller cancelled long ago. Cancelling only marks the record and asks
+ *   the kernel to finish early.
+ * - CQ overflow: rings are created with a CQ several times the SQ, and the
+ *   kernel (FEAT_NODROP) keeps overflowed CQEs; when it flags an overflow we
+ *   flush and reap again before returning.
+ * - SINGLE_ISSUER/DEFER_TASKRUN bind the ring to one thread. The ring is
+ *   created disabled (R_DISABLED) and enabled by the first wait(), so it is
+ *   bound to the thread that runs the loop, not the one that built it.
+ * - fork(): the child inherits the ring's memory and fd but must not submit
+ *   (the parent's requests point into the parent's memory). An at-fork handler
+ *   bumps a generation; every entry point refuses in the child.
+ */
+#include "dataplane.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <string.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+static unsigned long ul_fork_generation = 0;
+
+static void ul_after_fork_child(void) { ul_fork_generation++; }
+
+static PyObject *str_set_result, *str_set_exception, *str_done;
+
+typedef struct {
+    PyObject_HEAD
+    struct io_uring *ring;
+    PyObject *owner;     /* the cffi object owning the struct io_uring memory */
+    PyObject *orphan_cb; /* called as orphan_cb(fd, bytes) for data a cancelled recv consumed */
+    ul_op **ops;
+    uint32_t nops, cap, free_head;
+    uint32_t inflight;
+    uint32_t *rearm;
+    uint32_t nrearm, caprearm;
+    PyObject *events; /* list of (fd, revents) gathered by the current wait() */
+    unsigned long fork_generation;
+    int enabled;
+    int closed;
+    int drained;
+    /* counters, exposed by stats() */
+    unsigned long long n_enter, n_cqe, n_sqe, n_stray;
+} Ring;
+
+/* ---------------------------------------------------------------- records */
+
+static inline uint64_t op_key(const ul_op *op) { return ((uint64_t)op->gen << 32) | op->slot; }
+
+static ul_op *op_lookup(Ring *r, uint64_t key)
+{
+    uint32_t slot = (uint32_t)key;
+    uint32_t gen = (uint32_t)(key >> 32);
+    if (slot == 0 || slot >= r->nops)
+        return NULL;
+    ul_op *op = r->ops[slot];
+    if (op->kind == UL_FREE || op->gen != gen)
+        return NULL;
+    return op;
+}
+
+/* Returns a zeroed record in state kind, or NULL with MemoryError set. */
+static ul_op *op_alloc(Ring *r, enum ul_kind kind)
+{
+    ul_op *op;
+    if (r->free_head != UL_NO_SLOT) {
+        op = r->ops[r->free_head];
+        r->free_head = op->next_free;
+    } else {
+        if (r->nops == r->cap) {
+            uint32_t ncap = r->cap ? r->cap * 2 : 64;
+            if (ncap > (1u << 30)) {
+                PyErr_NoMemory();
+                return NULL;
+            }
+            ul_op **n = PyMem_Realloc(r->ops, ncap * sizeof(*n));
+            if (!n) {
+                PyErr_NoMemory();
+                return NULL;
+            }
+            r->ops = n;
+            r->cap = ncap;
+            if (r->nops == 0) {
+                /* slot 0 is never handed out: user_data 0 means "ignore" */
+                r->ops[0] = NULL;
+                r->nops = 1;
+            }
+        }
+        op = PyMem_Calloc(1, sizeof(*op));
+        if (!op) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        op->slot = r->nops;
+        op->gen = 1;
+        r->ops[r->nops++] = op;
+    }
+    op->kind = kind;
+    op->armed = op->cancelled = op->has_view = op->queued = 0;
+    op->fd = -1;
+    op->arg = 0;
+    op->fut = op->obj = NULL;
+    op->done = 0;
+    op->addrlen = 0;
+    op->next_free = UL_NO_SLOT;
+    return op;
+}
+
+/* Must only be called once the kernel no longer references the record (no final CQE pending). */
+static void op_free(Ring *r, ul_op *op)
+{
+    if (op->has_view) {
+        PyBuffer_Release(&op->view);
+        op->has_view = 0;
+    }
+    Py_CLEAR(op->fut);
+    Py_CLEAR(op->obj);
+    op->kind = UL_FREE;
+    op->gen++;
+    if (op->gen == 0)
+        op->gen = 1;
+    op->next_free = r->free_head;
+    r->free_head = op->slot;
+}
+
+/* ------------------------------------------------------------ submission */
+
+static int ring_usable(Ring *r)
+{
+    if (r->fork_generation != ul_fork_generation) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "this uringloop event loop was created in the parent process; a forked "
+                        "child must create its own loop (asyncio.new_event_loop())");
+        return 0;
+    }
+    if (r->closed) {
+        PyErr_SetString(PyExc_RuntimeError, "the io_uring ring is closed");
+        return 0;
+    }
+    return 1;
+}
+
+static int ring_enable(Ring *r)
+{
+    if (r->enabled)
+        return 0;
+    if (r->ring->flags & IORING_SETUP_R_DISABLED) {
+        /* Debian's liburing 2.3 declares io_uring_enable_rings() but does not
+           export it; the raw register call is in every 2.3 build. */
+        int ret = io_uring_register(r->ring->ring_fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0);
+        if (ret < 0 && ret != -EBADFD) {
+            errno = -ret;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+    }
+    r->enabled = 1;
+    return 0;
+}
+
+/* Returns an SQE to fill, flushing the SQ to the kernel when it is full. */
+static struct io_uring_sqe *get_sqe(Ring *r)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(r->ring);
+    if (sqe) {
+        r->n_sqe++;
+        return sqe;
+    }
+    /* More requests than SQ entries in one iteration: pass these on now. */
+    if (ring_enable(r) < 0)
+        return NULL;
+    int ret = io_uring_submit(r->ring);
+    r->n_enter++;
+    if (ret < 0) {
+        errno = -ret;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return NULL;
+    }
+    sqe = io_uring_get_sqe(r->ring);
+    if (!sqe) {
+        errno = EBUSY;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return NULL;
+    }
+    r->n_sqe++;
+    return sqe;
+}
+
+static void op_armed(Ring *r, ul_op *op, struct io_uring_sqe *sqe)
+{
+    io_uring_sqe_set_data64(sqe, op_key(op));
+    op->armed = 1;
+    r->inflight++;
+}
+
+static int submit_cancel(Ring *r, ul_op *op)
+{
+    struct io_uring_sqe *sqe = get_sqe(r);
+    if (!sqe)
+        return -1;
+    io_uring_prep_cancel64(sqe, op_key(op), 0);
+    io_uring_sqe_set_data64(sqe, UL_IGNORE);
+    return 0;
+}
+
+/* ------------------------------------------------------------ completion */
+
+static PyObject *oserror_from(int err)
+{
+    return PyObject_CallFunction(PyExc_OSError, "is", err, strerror(err));
+}
+
+/* Resolve fut with value (steals nothing). A done future (cancelled) is left alone. */
+static void fut_resolve(PyObject *fut, PyObject *value, int is_exc)
+{
+    PyObject *done = PyObject_CallMethodNoArgs(fut, str_done);
+    if (!done) {
+        PyErr_WriteUnraisable(fut);
+        return;
+    }
+    int is_done = PyObject_IsTrue(done);
+    Py_DECREF(done);
+    if (is_done)
+        return;
+    PyObject *res = PyObject_CallMethodOneArg(fut, is_exc ? str_set_exception : str_set_result, value);
+    if (!res)
+        PyErr_WriteUnraisable(fut);
+    Py_XDECREF(res);
+}
+
+static void fut_fail(PyObject *fut, int err)
+{
+    PyObject *exc = oserror_from(err);
+    if (!exc) {
+        PyErr_WriteUnraisable(fut);
+        return;
+    }
+    fut_resolve(fut, exc, 1);
+    Py_DECREF(exc);
+}
+
+static PyObject *sockaddr_to_py(const struct sockaddr_storage *ss, socklen_t len)
+{
+    char host[INET6_ADDRSTRLEN];
+    switch (ss->ss_family) {
+    case AF_INET: {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+        inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
+        return Py_BuildValue("(si)", host, ntohs(a->sin_port));
+    }
+    case AF_INET6: {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+        inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
+        return Py_BuildValue("(siII)", host, ntohs(a->sin6_port), ntohl(a->sin6_flowinfo),
+                             a->sin6_scope_id);
+    }
+    case AF_UNIX: {
+        const struct sockaddr_un *a = (const struct sockaddr_un *)ss;
+        Py_ssize_t n = (Py_ssize_t)len - (Py_ssize_t)offsetof(struct sockaddr_un, sun_path);
+        if (n <= 0)
+            return PyUnicode_FromString("");
+        if (a->sun_path[0] == '\0') /* abstract namespace: bytes, like socket.accept() */
+            return PyBytes_FromStringAndSize(a->sun_path, n);
+        return PyUnicode_DecodeFSDefaultAndSize(a->sun_path, strnlen(a->sun_path, n));
+    }
+    default:
+        return PyTuple_Pack(0);
+    }
+}
+
+static void complete_poll(Ring *r, ul_op *op, int res)
+{
+    op->armed = 0;
+    r->inflight--;
+    if (op->cancelled) {
+        op_free(r, op);
+        return;
+    }
+    if (res < 0) {
+        /* -EBADF and friends: the fd is gone. Like epoll, stop reporting it;
+           the owner frees the record when it unregisters. */
+        return;
+    }
+    PyObject *ev = Py_BuildValue("(iI)", op->fd, (unsigned)res);
+    if (!ev || PyList_Append(r->events, ev) < 0)
+        PyErr_WriteUnraisable((PyObject *)r);
+    Py_XDECREF(ev);
+    if (r->nrearm == r->caprearm) {
+        uint32_t ncap = r->caprearm ? r->caprearm * 2 : 64;
+        uint32_t *n = PyMem_Realloc(r->rearm, ncap * sizeof(*n));
+        if (!n) {
+            PyErr_WriteUnraisable((PyObject *)r);
+            return;
+        }
+        r->rearm = n;
+        r->caprearm = ncap;
+    }
+    r->rearm[r->nrearm++] = op->slot;
+    op->queued = 1;
+}
+
+static void orphan_data(Ring *r, ul_op *op, const char *data, Py_ssize_t n)
+{
+    /* A cancelled recv that raced with arriving data: the bytes left the
+       socket, so hand them back to the loop for the next reader. */
+    if (!r->orphan_cb)
+        return;
+    PyObject *res = PyObject_CallFunction(r->orphan_cb, "iy#", op->fd, data, n);
+    if (!res)
+        PyErr_WriteUnraisable(r->orphan_cb);
+    Py_XDECREF(res);
+}
+
+static int prep_send_rest(Ring *r, ul_op *op);
+
+static void complete_op(Ring *r, ul_op *op, int res, unsigned flags)
+{
+    if (op->kind == UL_POLL) {
+        complete_poll(r, op, res);
+        return;
+    }
+    op->armed = 0;
+    r->inflight--;
+    int gone = op->cancelled;
+    switch (op->kind) {
+    case UL_RECV:
+        if (res > 0 && gone) {
+            orphan_data(r, op, PyBytes_AS_STRING(op->obj), res);
+        } else if (!gone) {
+            if (res < 0) {
+                fut_fail(op->fut, -res);
+            } else if (_PyBytes_Resize(&op->obj, res) < 0) {
+                PyErr_WriteUnraisable(op->fut);
+            } else {
+                fut_resolve(op->fut, op->obj, 0);
+            }
+        }
+        break;
+    case UL_RECV_INTO:
+        if (res > 0 && gone) {
+            orphan_data(r, op, op->view.buf, res);
+        } else if (!gone) {
+            if (res < 0) {
+                fut_fail(op->fut, -res);
+            } else {
+                PyObject *n = PyLong_FromLong(res);
+                if (n)
+                    fut_resolve(op->fut, n, 0);
+                else
+                    PyErr_WriteUnraisable(op->fut);
+                Py_XDECREF(n);
+            }
+        }
+        break;
+    case UL_SENDALL:
+        if (gone)
+            break;
+        if (res < 0) {
+            fut_fail(op->fut, -res);
+            break;
+        }
+        op->done += (size_t)res;
+        if (op->done < (size_t)op->view.len) {
+            /* short send: the rest goes out next, keeping the same record */
+            if (prep_send_rest(r, op) == 0)
+                return;
+            PyErr_WriteUnraisable(op->fut);
+            break;
+        }
+        fut_resolve(op->fut, Py_None, 0);
+        break;
+    case UL_ACCEPT:
+        if (res >= 0 && gone) {
+            close(res);
+        } else if (!gone) {
+            if (res < 0) {
+                fut_fail(op->fut, -res);
+            } else {
+                PyObject *addr = sockaddr_to_py(&op->addr, op->addrlen);
+                PyObject *pair = addr ? Py_BuildValue("(iN)", res, addr) : NULL;
+                if (pair) {
+                    fut_resolve(op->fut, pair, 0);
+                    Py_DECREF(pair);
+                } else {
+                    close(res);
+                    PyErr_WriteUnraisable(op->fut);
+                }
+            }
+        }
+        break;
+    case UL_CONNECT:
+        if (!gone) {
+            if (res < 0)
+                fut_fail(op->fut, -res);
+            else
+                fut_resolve(op->fut, Py_None, 0);
+        }
+        break;
+    default:
+        break;
+    }
+    (void)flags;
+    op_free(r, op);
+}
+
+/* Reap every CQE available now; returns how many. */
+static unsigned reap(Ring *r)
+{
+    unsigned total = 0;
+    for (;;) {
+        struct io_uring_cqe *cqe;
+        unsigned head, n = 0;
+        io_uring_for_each_cqe(r->ring, head, cqe)
+        {
+            n++;
+            uint64_t key = cqe->user_data;
+            if (key == UL_IGNORE || key == LIBURING_UDATA_TIMEOUT)
+                continue;
+            ul_op *op = op_lookup(r, key);
+            if (!op) {
+                r->n_stray++;
+                continue;
+            }
+            /* Copy out before advancing: completing may submit and reap nothing
+               else, but the CQE slot is only ours until cq_advance. */
+            complete_op(r, op, cqe->res, cqe->flags);
+        }
+        io_uring_cq_advance(r->ring, n);
+        total += n;
+        if (IO_URING_READ_ONCE(*r->ring->sq.kflags) & IORING_SQ_CQ_OVERFLOW) {
+            /* the kernel holds more completions than fit the CQ: flush them in */
+            io_uring_get_events(r->ring);
+            r->n_enter++;
+            continue;
+        }
+        if (n == 0)
+            break;
+    }
+    r->n_cqe += total;
+    return total;
+}
+
+static int rearm_polls(Ring *r)
+{
+    uint32_t i;
+    for (i = 0; i < r->nrearm; i++) {
+        ul_op *op = r->ops[r->rearm[i]];
+        if (op->kind != UL_POLL || !op->queued)
+            continue; /* unregistered since it fired */
+        struct io_uring_sqe *sqe = get_sqe(r);
+        if (!sqe) {
+            /* keep the rest for the next call */
+            memmove(r->rearm, r->rearm + i, (r->nrearm - i) * sizeof(*r->rearm));
+            r->nrearm -= i;
+            return -1;
+        }
+        io_uring_prep_poll_add(sqe, op->fd, op->arg);
+        op->queued = 0;
+        op_armed(r, op, sqe);
+    }
+    r->nrearm = 0;
+    return 0;
+}
+
+/* ------------------------------------------------------------ Python API */
+
+static int Ring_init(Ring *r, PyObject *args, PyObject *kwds)
+{
+    unsigned long long addr;
+    PyObject *owner;
+    if (!PyArg_ParseTuple(args, "KO:Ring", &addr, &owner))
+        return -1;
+    if (!addr) {
+        PyErr_SetString(PyExc_ValueError, "null ring address");
+        return -1;
+    }
+    r->ring = (struct io_uring *)(uintptr_t)addr;
+    Py_INCREF(owner);
+    Py_XSETREF(r->owner, owner);
+    r->free_head = UL_NO_SLOT;
+    r->fork_generation = ul_fork_generation;
+    if (!r->events && !(r->events = PyList_New(0)))
+        return -1;
+    return 0;
+}
+
+static int Ring_traverse(Ring *r, visitproc visit, void *arg)
+{
+    Py_VISIT(r->owner);
+    Py_VISIT(r->orphan_cb);
+    Py_VISIT(r->events);
+    for (uint32_t i = 1; i < r->nops; i++) {
+        ul_op *op = r->ops[i];
+        Py_VISIT(op->fut);
+        Py_VISIT(op->obj);
+    }
+    return 0;
+}
+
+static int Ring_clear_refs(Ring *r)
+{
+    /* Only the references the kernel cannot be using: the buffers of armed
+       operations stay held until their final CQE (see Ring.close). */
+    Py_CLEAR(r->orphan_cb);
+    Py_CLEAR(r->events);
+    return 0;
+}
+
+static void Ring_dealloc(Ring *r)
+{
+    PyObject_GC_UnTrack(r);
+    uint32_t i;
+    if (r->inflight == 0 || r->fork_generation != ul_fork_generation) {
+        for (i = 1; i < r->nops; i++) {
+            if (r->ops[i]->kind != UL_FREE)
+                op_free(r, r->ops[i]);
+            PyMem_Free(r->ops[i]);
+        }
+        PyMem_Free(r->ops);
+        PyMem_Free(r->rearm);
+        Py_CLEAR(r->owner);
+    }
+    /* else: the kernel may still write into buffers the records hold; leak
+       them (and the ring memory in owner) rather than free memory in use. */
+    Ring_clear_refs(r);
+    Py_TYPE(r)->tp_free((PyObject *)r);
+}
+
+static PyObject *Ring_wait(Ring *r, PyObject *arg)
+{
+    struct __kernel_timespec ts, *tsp = NULL;
+    struct io_uring_cqe *cqe;
+    double timeout = -1.0;
+    int ret;
+
+    if (!ring_usable(r))
+        return NULL;
+    if (arg != Py_None) {
+        timeout = PyFloat_AsDouble(arg);
+        if (timeout == -1.0 && PyErr_Occurred())
+            return NULL;
+        if (timeout < 0)
+            timeout = 0;
+        ts.tv_sec = (long long)timeout;
+        ts.tv_nsec = (long long)((timeout - (double)ts.tv_sec) * 1e9);
+        tsp = &ts;
+    }
+    if (ring_enable(r) < 0)
+        return NULL;
+    if (rearm_polls(r) < 0)
+        return NULL;
+
+    if (timeout == 0) {
+        ret = io_uring_submit_and_get_events(r->ring);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        ret = io_uring_submit_and_wait_timeout(r->ring, &cqe, 1, tsp, NULL);
+        Py_END_ALLOW_THREADS
+    }
+    r->n_enter++;
+    if (ret < 0) {
+        switch (-ret) {
+        case ETIME:
+        case EAGAIN:
+        case EINTR:
+        case EBUSY: /* CQ overflow pending: reaping below flushes it */
+            break;
+        case EEXIST:
+            PyErr_SetString(PyExc_RuntimeError,
+                            "this uringloop ring belongs to the thread that first ran the loop "
+                            "(IORING_SETUP_SINGLE_ISSUER); run the loop in one thread, or set "
+                            "URINGLOOP_SINGLE_ISSUER=0");
+            return NULL;
+        case EBADR:
+            PyErr_WarnEx(PyExc_RuntimeWarning,
+                         "io_uring dropped completions (EBADR): the CQ overflowed while the kernel "
+                         "could not buffer them",
+                         1);
+            break;
+        default:
+            errno = -ret;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+    }
+    reap(r);
+    if (ret == -EINTR && PyErr_CheckSignals() < 0)
+        return NULL;
+    if (PyList_GET_SIZE(r->events) == 0)
+        Py_RETURN_NONE;
+    PyObject *events = r->events;
+    r->events = PyList_New(0);
+    if (!r->events) {
+        r->events = events;
+        return NULL;
+    }
+    return events;
+}
+
+static PyObject *Ring_poll_add(Ring *r, PyObject *args)
+{
+    int fd;
+    unsigned mask;
+    if (!PyArg_ParseTuple(args, "iI:poll_add", &fd, &mask))
+        return NULL;
+    if (!ring_usable(r))
+        return NULL;
+    ul_op *op = op_alloc(r, UL_POLL);
+    if (!op)
+        return NULL;
+    op->fd = fd;
+    op->arg = mask;
+    /* armed at the start of the next wait(), together with re-arms */
+    if (r->nrearm == r->caprearm) {
+        uint32_t ncap = r->caprearm ? r->caprearm * 2 : 64;
+        uint32_t *n = PyMem_Realloc(r->rearm, ncap * sizeof(*n));
+        if (!n) {
+            op_free(r, op);
+            return PyErr_NoMemory();
+        }
+        r->rearm = n;
+        r->caprearm = ncap;
+    }
+    r->rearm[r->nrearm++] = op->slot;
+    op->queued = 1;
+    return PyLong_FromUnsignedLongLong(op_key(op));
+}
+
+static PyObject *Ring_poll_modify(Ring *r, PyObject *args)
+{
+    unsigned long long key;
+    unsigned mask;
+    if (!PyArg_ParseTuple(args, "KI:poll_modify", &key, &mask))
+        return NULL;
+    ul_op *op = op_lookup(r, key);
+    if (!op || op->kind != UL_POLL || op->cancelled) {
+        PyErr_SetString(PyExc_KeyError, "no such poll registration");
+        return NULL;
+    }
+    if (!op->armed) {
+        op->arg = mask; /* applies when it is re-armed */
+        Py_RETURN_NONE;
+    }
+    /* Armed with the old mask: retire it and register anew. */
+    int fd = op->fd;
+    op->cancelled = 1;
+    if (submit_cancel(r, op) < 0)
+        return NULL;
+    PyObject *a = Py_BuildValue("(iI)", fd, mask);
+    if (!a)
+        return NULL;
+    PyObject *res = Ring_poll_add(r, a);
+    Py_DECREF(a);
+    return res;
+}
+
+static PyObject *Ring_cancel(Ring *r, PyObject *arg)
+{
+    unsigned long long key = PyLong_AsUnsignedLongLong(arg);
+    if (key == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    ul_op *op = op_lookup(r, key);
+    if (!op || op->cancelled)
+        Py_RETURN_FALSE;
+    op->cancelled = 1;
+    if (!op->armed) {
+        op->queued = 0;
+        op_free(r, op);
+        Py_RETURN_TRUE;
+    }
+    if (r->fork_generation != ul_fork_generation || r->closed)
+        Py_RETURN_TRUE;
+    if (submit_cancel(r, op) < 0)
+        return NULL;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *Ring_recv(Ring *r, PyObject *args)
+{
+    int fd;
+    Py_ssize_t n;
+    PyObject *fut;
+    if (!PyArg_ParseTuple(args, "inO:recv", &fd, &n, &fut))
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative buffersize in recv");
+        return NULL;
+    }
+    if (!ring_usable(r))
+        return NULL;
+    PyObject *buf = PyBytes_FromStringAndSize(NULL, n);
+    if (!buf)
+        return NULL;
+    struct io_uring_sqe *sqe = get_sqe(r);
+    if (!sqe) {
+        Py_DECREF(buf);
+        return NULL;
+    }
+    ul_op *op = op_alloc(r, UL_RECV);
+    if (!op) {
+        io_uring_prep_nop(sqe);
+        io_uring_sqe_set_data64(sqe, UL_IGNORE);
+        Py_DECREF(buf);
+        return NULL;
+    }
+    op->fd = fd;
+    op->obj = buf;
+    Py_INCREF(fut);
+    op->fut = fut;
+    io_uring_prep_recv(sqe, fd, PyBytes_AS_STRING(buf), (size_t)n, 0);
+    op_armed(r, op, sqe);
+    return PyLong_FromUnsignedLongLong(op_key(op));
+}
+
+/* Common body of operations that hold a buffer of obj for their lifetime. */
+static ul_op *buffer_op(Ring *r, enum ul_kind kind, int fd, PyObject *obj, PyObject *fut,
+                        int writable, struct io_uring_sqe **sqe_out)
+{
+    if (!ring_usable(r))
+        return NULL;
+    ul_op *op = op_alloc(r, kind);
+    if (!op)
+        return NULL;
+    if (PyObject_GetBuffer(obj, &op->view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+        op_free(r, op);
+        return NULL;
+    }
+    op->has_view = 1;
+    struct io_uring_sqe *sqe = get_sqe(r);
+    if (!sqe) {
+        op_free(r, op);
+        return NULL;
+    }
+    op->fd = fd;
+    Py_INCREF(obj);
+    op->obj = obj;
+    Py_INCREF(fut);
+    op->fut = fut;
+    *sqe_out = sqe;
+    return op;
+}
+
+static PyObject *Ring_recv_into(Ring *r, PyObject *args)
+{
+    int fd;
+    Py_ssize_t n;
+    PyObject *obj, *fut;
+    struct io_uring_sqe *sqe;
+    if (!PyArg_ParseTuple(args, "iOnO:recv_into", &fd, &obj, &n, &fut))
+        return NULL;
+    ul_op *op = buffer_op(r, UL_RECV_INTO, fd, obj, fut, 1, &sqe);
+    if (!op)
+        return NULL;
+    if (n <= 0 || n > op->view.len)
+        n = op->view.len;
+    io_uring_prep_recv(sqe, fd, op->view.buf, (size_t)n, 0);
+    op_armed(r, op, sqe);
+    return PyLong_FromUnsignedLongLong(op_key(op));
+}
+
+static int prep_send_rest(Ring *r, ul_op *op)
+{
+    struct io_uring_sqe *sqe = get_sqe(r);
+    if (!sqe)
+        return -1;
+    io_uring_prep_send(sqe, op->fd, (char *)op->view.buf + op->done, op->view.len - op->done,
+                       MSG_NOSIGNAL);
+    op_armed(r, op, sqe);
+    return 0;
+}
+
+static PyObject *Ring_sendall(Ring *r, PyObject *args)
+{
+    int fd;
+    PyObject *obj, *fut;
+    struct io_uring_sqe *sqe;
+    if (!PyArg_ParseTuple(args, "iOO:sendall", &fd, &obj, &fut))
+        return NULL;
+    ul_op *op = buffer_op(r, UL_SENDALL, fd, obj, fut, 0, &sqe);
+    if (!op)
+        return NULL;
+    io_uring_prep_send(sqe, fd, op->view.buf, op->view.len, MSG_NOSIGNAL);
+    op_armed(r, op, sqe);
+    return PyLong_FromUnsignedLongLong(op_key(op));
+}
+
+static PyObject *Ring_accept(Ring *r, PyObject *args)
+{
+    int fd;
+    PyObject *fut;
+    if (!PyArg_ParseTuple(args, "iO:accept", &fd, &fut))
+        return NULL;
+    if (!ring_usable(r))
+        return NULL;
+    struct io_uring_sqe *sqe = get_sqe(r);
+    if (!sqe)
+        return NULL;
+    ul_op *op = op_alloc(r, UL_ACCEPT);
+    if (!op) {
+        io_uring_prep_nop(sqe);
+        io_uring_sqe_set_data64(sqe, UL_IGNORE);
+        return NULL;
+    }
+    op->fd = fd;
+    Py_INCREF(fut);
+    op->fut = fut;
+    op->addrlen = sizeof(op->addr);
+    io_uring_prep_accept(sqe, fd, (struct sockaddr *)&op->addr, &op->addrlen, SOCK_CLOEXEC);
+    op_armed(r, op, sqe);
+    return PyLong_FromUnsignedLongLong(op_key(op));
+}
+
+/* connect(fd, sockaddr_bytes, fut): the caller packs the address (the socket
+   module already knows every family's layout; see _loop.py). */
+static PyObject *Ring_connect(Ring *r, PyObject *args)
+{
+    int fd;
+    Py_buffer addr;
+    PyObject *fut;
+    if (!PyArg_ParseTuple(args, "iy*O:connect", &fd, &addr, &fut))
+        return NULL;
+    if (addr.len <= 0 || (size_t)addr.len > sizeof(struct sockaddr_storage)) {
+        PyBuffer_Release(&addr);
+        PyErr_SetString(PyExc_ValueError, "bad socket address length");
+        return NULL;
+    }
+    if (!ring_usable(r)) {
+        PyBuffer_Release(&addr);
+        return NULL;
+    }
+    struct io_uring_sqe *sqe = get_sqe(r);
+    if (!sqe) {
+        PyBuffer_Release(&addr);
+        return NULL;
+    }
+    ul_op *op = op_alloc(r, UL_CONNECT);
+    if (!op) {
+        io_uring_prep_nop(sqe);
+        io_uring_sqe_set_data64(sqe, UL_IGNORE);
+        PyBuffer_Release(&addr);
+        return NULL;
+    }
+    memcpy(&op->addr, addr.buf, addr.len);
+    op->addrlen = (socklen_t)addr.len;
+    PyBuffer_Release(&addr);
+    op->fd = fd;
+    Py_INCREF(fut);
+    op->fut = fut;
+    io_uring_prep_connect(sqe, fd, (struct sockaddr *)&op->addr, op->addrlen);
+    op_armed(r, op, sqe);
+    return PyLong_FromUnsignedLongLong(op_key(op));
+}
+
+static double now_monotonic(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+/* close(timeout) -> True when the kernel returned every request and the ring
+   may be torn down; False when requests are still outstanding (their memory is
+   then kept for the life of the process). */
+static PyObject *Ring_close(Ring *r, PyObject *arg)
+{
+    double limit = PyFloat_AsDouble(arg);
+    if (limit == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (r->closed)
+        return PyBool_FromLong(r->drained);
+    if (r->fork_generation != ul_fork_generation) {
+        /* The child's copy of the records points at the child's copy of
+           memory the kernel never sees: nothing to wait for. */
+        r->closed = 1;
+        r->drained = 1;
+        r->inflight = 0;
+        Py_RETURN_TRUE;
+    }
+    uint32_t i;
+    for (i = 1; i < r->nops; i++) {
+        ul_op *op = r->ops[i];
+        if (op->kind == UL_FREE)
+            continue;
+        if (!op->armed) {
+            op->cancelled = 1;
+            op->queued = 0;
+            op_free(r, op);
+        } else if (!op->cancelled) {
+            op->cancelled = 1;
+            if (submit_cancel(r, op) < 0)
+                return NULL;
+        } else {
+            op->cancelled = 1;
+        }
+    }
+    r->nrearm = 0;
+    if (ring_enable(r) < 0)
+        return NULL;
+    double deadline = now_monotonic() + limit;
+    while (r->inflight) {
+        struct __kernel_timespec ts = {0, 50 * 1000 * 1000};
+        struct io_uring_cqe *cqe;
+        int ret;
+        Py_BEGIN_ALLOW_THREADS
+        ret = io_uring_submit_and_wait_timeout(r->ring, &cqe, 1, &ts, NULL);
+        Py_END_ALLOW_THREADS
+        r->n_enter++;
+        if (ret < 0 && ret != -ETIME && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY)
+            break;
+        reap(r);
+        if (now_monotonic() > deadline)
+            break;
+    }
+    r->closed = 1;
+    r->drained = r->inflight == 0;
+    return PyBool_FromLong(r->drained);
+}
+
+static PyObject *Ring_stats(Ring *r, PyObject *unused)
+{
+    uint32_t live = 0;
+    for (uint32_t i = 1; i < r->nops; i++)
+        live += r->ops[i]->kind != UL_FREE;
+    return Py_BuildValue("{sKsKsKsKsIsI}", "enters", r->n_enter, "cqes", r->n_cqe, "sqes",
+                         r->n_sqe, "stray_cqes", r->n_stray, "inflight", r->inflight, "records",
+                         live);
+}
+
+static PyObject *Ring_get_forked(Ring *r, void *closure)
+{
+    return PyBool_FromLong(r->fork_generation != ul_fork_generation);
+}
+
+static PyObject *Ring_get_closed(Ring *r, void *closure) { return PyBool_FromLong(r->closed); }
+
+static PyObject *Ring_get_inflight(Ring *r, void *closure) { return PyLong_FromUnsignedLong(r->inflight); }
+
+static PyObject *Ring_get_orphan_cb(Ring *r, void *closure)
+{
+    if (!r->orphan_cb)
+        Py_RETURN_NONE;
+    Py_INCREF(r->orphan_cb);
+    return r->orphan_cb;
+}
+
+static int Ring_set_orphan_cb(Ring *r, PyObject *v, void *closure)
+{
+    if (v == Py_None)
+        v = NULL;
+    Py_XINCREF(v);
+    Py_XSETREF(r->orphan_cb, v);
+    return 0;
+}
+
+static PyMethodDef Ring_methods[] = {
+    {"wait", (PyCFunction)Ring_wait, METH_O,
+     "wait(timeout) -> list of (fd, revents) or None\n\nSubmit everything prepared, wait up to "
+     "timeout seconds (None: until a completion) in one io_uring_enter, and dispatch the batch."},
+    {"poll_add", (PyCFunction)Ring_poll_add, METH_VARARGS,
+     "poll_add(fd, mask) -> key; level-triggered readiness reported by wait()"},
+    {"poll_modify", (PyCFunction)Ring_poll_modify, METH_VARARGS,
+     "poll_modify(key, mask) -> key (possibly a new one)"},
+    {"cancel", (PyCFunction)Ring_cancel, METH_O,
+     "cancel(key) -> bool; the record is kept until the kernel's final CQE"},
+    {"recv", (PyCFunction)Ring_recv, METH_VARARGS, "recv(fd, n, fut) -> key"},
+    {"recv_into", (PyCFunction)Ring_recv_into, METH_VARARGS, "recv_into(fd, buf, n, fut) -> key"},
+    {"sendall", (PyCFunction)Ring_sendall, METH_VARARGS, "sendall(fd, data, fut) -> key"},
+    {"accept", (PyCFunction)Ring_accept, METH_VARARGS, "accept(fd, fut) -> key"},
+    {"connect", (PyCFunction)Ring_connect, METH_VARARGS, "connect(fd, sockaddr, fut) -> key"},
+    {"close", (PyCFunction)Ring_close, METH_O,
+     "close(timeout) -> bool: cancel everything and reap until the kernel returned it all"},
+    {"stats", (PyCFunction)Ring_stats, METH_NOARGS, "counters of the data plane"},
+    {NULL},
+};
+
+static PyGetSetDef Ring_getset[] = {
+    {"forked", (getter)Ring_get_forked, NULL, "True in a child forked after the ring was made"},
+    {"closed", (getter)Ring_get_closed, NULL, NULL},
+    {"inflight", (getter)Ring_get_inflight, NULL, "requests the kernel still owns"},
+    {"orphan_callback", (getter)Ring_get_orphan_cb, (setter)Ring_set_orphan_cb,
+     "orphan_callback(fd, data) receives data read by a recv that was cancelled meanwhile"},
+    {NULL},
+};
+
+static PyTypeObject RingType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "uringloop._dataplane.Ring",
+    .tp_basicsize = sizeof(Ring),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Ring(address, owner): the data plane over a set-up struct io_uring",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Ring_init,
+    .tp_dealloc = (destructor)Ring_dealloc,
+    .tp_traverse = (traverseproc)Ring_traverse,
+    .tp_clear = (inquiry)Ring_clear_refs,
+    .tp_methods = Ring_methods,
+    .tp_getset = Ring_getset,
+};
+
+static struct PyModuleDef dataplane_module = {
+    PyModuleDef_HEAD_INIT, "uringloop._dataplane", "uringloop's per-event path over io_uring", -1,
+};
+
+PyMODINIT_FUNC PyInit__dataplane(void)
+{
+    if (PyType_Ready(&RingType) < 0)
+        return NULL;
+    str_set_result = PyUnicode_InternFromString("set_result");
+    str_set_exception = PyUnicode_InternFromString("set_exception");
+    str_done = PyUnicode_InternFromString("done");
+    if (!str_set_result || !str_set_exception || !str_done)
+        return NULL;
+    static int atfork_done = 0;
+    if (!atfork_done) {
+        pthread_atfork(NULL, NULL, ul_after_fork_child);
+        atfork_done = 1;
+    }
+    PyObject *m = PyModule_Create(&dataplane_module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&RingType);
+    if (PyModule_AddObject(m, "Ring", (PyObject *)&RingType) < 0) {
+        Py_DECREF(&RingType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

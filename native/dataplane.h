@@ -1,0 +1,53 @@
+/* uringloop data plane: shared definitions.
+ *
+ * An operation record (`ul_op`) holds exactly what must outlive submission:
+ * the file descriptor, the Python object whose memory the kernel reads or
+ * writes (kept as a held Py_buffer so it cannot be resized or collected), and
+ * the future to resolve. Records live in a slab; the user_data of every SQE is
+ * (generation << 32 | slot), so a stale key (a CQE or a cancel for a record
+ * that has since been reused) never matches the new occupant.
+ */
+#ifndef URINGLOOP_DATAPLANE_H
+#define URINGLOOP_DATAPLANE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#include "compat.h"
+
+enum ul_kind {
+    UL_FREE = 0,
+    UL_POLL,      /* one-shot POLL_ADD, re-armed each iteration: level-triggered like epoll */
+    UL_RECV,      /* sock_recv: result is a new bytes object */
+    UL_RECV_INTO, /* sock_recv_into: result is a byte count */
+    UL_SENDALL,   /* sock_sendall: resubmits the rest after short sends */
+    UL_ACCEPT,    /* sock_accept: result is (fd, address) */
+    UL_CONNECT,   /* sock_connect */
+};
+
+typedef struct ul_op {
+    uint32_t gen;
+    uint32_t slot;
+    uint8_t kind;
+    uint8_t armed;     /* the kernel owns the request: wait for its final CQE */
+    uint8_t cancelled; /* the caller gave up: drop results, keep memory until the final CQE */
+    uint8_t has_view;
+    uint8_t queued;    /* a fired poll waiting in the re-arm list */
+    int fd;
+    unsigned arg; /* poll mask, recv length, or MSG_* flags */
+    PyObject *fut;
+    PyObject *obj;
+    Py_buffer view;
+    size_t done;
+    socklen_t addrlen;
+    struct sockaddr_storage addr;
+    uint32_t next_free;
+} ul_op;
+
+#define UL_NO_SLOT UINT32_MAX
+/* user_data 0 marks requests whose completion nobody waits for (cancels). */
+#define UL_IGNORE 0ULL
+
+#endif

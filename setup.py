@@ -1,0 +1,29 @@
+"""Build both native parts against the system liburing.
+
+`uringloop._uring` is the cffi (API mode) binding used for the control plane;
+`uringloop._dataplane` is the CPython C-API extension that owns the per-event path.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "native"))
+
+from build_uring import check_liburing, dataplane_compile_args  # noqa: E402
+from setuptools import Extension, setup  # noqa: E402
+
+check_liburing()
+
+setup(
+    cffi_modules=["native/build_uring.py:ffibuilder"],
+    ext_modules=[
+        Extension(
+            "uringloop._dataplane",
+            sources=["native/dataplane.c"],
+            depends=["native/dataplane.h"],
+            libraries=["uring"],
+            extra_compile_args=dataplane_compile_args(),
+            extra_link_args=os.environ.get("URINGLOOP_LDFLAGS", "").split(),
+        )
+    ],
+)

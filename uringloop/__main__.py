@@ -1,0 +1,70 @@
+"""``python -m uringloop info``: what this kernel's io_uring can do and what the loop uses."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+from . import UringEventLoop, UringUnavailableError, __version__, probe
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def info() -> int:
+    print(f"uringloop {__version__} on Python {platform.python_version()}")
+    print(f"kernel: {platform.system()} {platform.release()} ({platform.machine()})")
+    try:
+        features = probe()
+    except UringUnavailableError as exc:
+        print(f"io_uring: unavailable\n  {exc.strerror}")
+        return 1
+    print("io_uring: available")
+    print("setup flags accepted by this kernel:")
+    for name, ok in features.setup_flags.items():
+        print(f"  {name:<14} {_yes(ok)}")
+    print("ring features: " + " ".join(features.ring_features))
+    print(f"opcodes supported ({len(features.opcodes)}):")
+    names = sorted(features.opcodes)
+    for i in range(0, len(names), 6):
+        print("  " + " ".join(f"{n:<16}" for n in names[i : i + 6]).rstrip())
+    print("request features (tried, not guessed):")
+    print(f"  SEND_ZC                  {_yes(features.send_zc)}")
+    print(f"  SEND_ZC usage reports    {_yes(features.send_zc_report_usage)}")
+    print(f"  multishot accept         {_yes(features.multishot_accept)}")
+    print(f"  multishot recv           {_yes(features.recv_multishot)}")
+    print(f"  provided buffer rings    {_yes(features.provided_buffer_rings)}")
+    print(f"  registered buffers       {_yes(features.registered_buffers)}")
+    loop = UringEventLoop()
+    try:
+        ring = loop.ring_info()
+    finally:
+        loop.close()
+    print("this loop's ring:")
+    print(f"  set-up rung              {ring['setup']}")
+    print(f"  flags                    {' '.join(ring['flags'])}")
+    print(f"  SQ/CQ entries            {ring['sq_entries']}/{ring['cq_entries']}")
+    if ring["refused"]:
+        print(f"  refused with EINVAL      {', '.join(ring['refused'])}")
+    print("loop features in use:")
+    print("  waiting for I/O          io_uring_enter (one per loop iteration)")
+    print("  readiness (add_reader)   POLL_ADD on the ring, level-triggered")
+    print("  sock_recv/sendall/...    RECV, SEND, ACCEPT, CONNECT on the ring")
+    print("  zero-copy sends          not yet (stream transports land next)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m uringloop")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="print kernel io_uring support and what the loop uses")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return info()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

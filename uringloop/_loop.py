@@ -1,0 +1,324 @@
+"""The event loop: asyncio's scheduler on top of one io_uring.
+
+How it sits on asyncio
+----------------------
+`asyncio.BaseEventLoop._run_once` is the only place callbacks run. Once per
+iteration it computes how long it may sleep (zero when callbacks are ready, the
+time to the next timer otherwise, forever when idle) and calls
+``self._selector.select(timeout)``. Here that selector is `RingSelector`, whose
+``select`` is one call into the data plane: submit every request prepared since
+the last iteration, wait in a single ``io_uring_enter`` with that timeout, and
+reap the batch of completions in C (resolving futures directly). Timers,
+``call_soon``, tasks, executors and DNS stay exactly asyncio's.
+
+Everything asyncio builds on readiness (``add_reader``/``add_writer`` and the
+transports, pipes, subprocesses and signal wake-ups built on them) keeps working
+because `RingSelector` implements the selector interface with POLL_ADD requests
+on the same ring: each registered fd has one poll request, re-armed after it
+fires, which gives epoll's level-triggered semantics. Nothing waits in epoll,
+poll or select; the socket methods (``sock_recv``, ``sock_sendall``, ...) go
+straight to io_uring operations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import selectors
+import socket
+import struct
+import warnings
+from asyncio import base_events
+from typing import Any
+
+from . import _ring
+from ._dataplane import Ring
+
+logger = logging.getLogger("uringloop")
+
+POLLIN = 0x001
+POLLOUT = 0x004
+_POLLIN_LIKE = ~POLLOUT & 0xFFFF
+_POLLOUT_LIKE = ~POLLIN & 0xFFFF
+
+# How long loop.close() waits for the kernel to hand back cancelled requests
+# before it gives up and keeps their memory for the life of the process.
+CLOSE_DRAIN_SECONDS = 10.0
+
+
+def _poll_mask(events: int) -> int:
+    mask = 0
+    if events & selectors.EVENT_READ:
+        mask |= POLLIN
+    if events & selectors.EVENT_WRITE:
+        mask |= POLLOUT
+    return mask
+
+
+class RingSelector(selectors._BaseSelectorImpl):  # type: ignore[name-defined]
+    """The selector interface over POLL_ADD requests on the loop's ring."""
+
+    def __init__(self, ring: Ring) -> None:
+        super().__init__()
+        self._ring = ring
+        self._poll_keys: dict[int, int] = {}
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        key = super().register(fileobj, events, data)
+        try:
+            self._poll_keys[key.fd] = self._ring.poll_add(key.fd, _poll_mask(events))
+        except BaseException:
+            super().unregister(fileobj)
+            raise
+        return key
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        key = super().unregister(fileobj)
+        poll_key = self._poll_keys.pop(key.fd, None)
+        if poll_key is not None:
+            self._ring.cancel(poll_key)
+        return key
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        try:
+            old = self._fd_to_key[self._fileobj_lookup(fileobj)]
+        except KeyError:
+            raise KeyError(f"{fileobj!r} is not registered") from None
+        if events != old.events:
+            if not events or events & ~(selectors.EVENT_READ | selectors.EVENT_WRITE):
+                raise ValueError(f"Invalid events: {events!r}")
+            self._poll_keys[old.fd] = self._ring.poll_modify(
+                self._poll_keys[old.fd], _poll_mask(events)
+            )
+        key = old._replace(events=events, data=data)
+        self._fd_to_key[key.fd] = key
+        return key
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        fired = self._ring.wait(timeout)
+        if fired is None:
+            return []
+        ready = []
+        fd_to_key = self._fd_to_key
+        for fd, revents in fired:
+            key = fd_to_key.get(fd)
+            if key is None:
+                continue
+            events = 0
+            if revents & _POLLIN_LIKE:
+                events |= selectors.EVENT_READ
+            if revents & _POLLOUT_LIKE:
+                events |= selectors.EVENT_WRITE
+            ready.append((key, events & key.events))
+        return ready
+
+    def close(self) -> None:
+        for fd in list(self._poll_keys):
+            self._ring.cancel(self._poll_keys.pop(fd))
+        super().close()
+
+
+def _pack_sockaddr(family: int, address: Any) -> bytes | None:
+    """The struct sockaddr for a resolved address, or None for families we leave to asyncio."""
+    if family == socket.AF_INET:
+        host, port = address[0], address[1]
+        return (
+            struct.pack("=H", socket.AF_INET)
+            + struct.pack("!H", port)
+            + socket.inet_pton(socket.AF_INET, host)
+            + bytes(8)
+        )
+    if family == socket.AF_INET6:
+        host, port = address[0], address[1]
+        flowinfo = address[2] if len(address) > 2 else 0
+        scope_id = address[3] if len(address) > 3 else 0
+        host = host.partition("%")[0]
+        return (
+            struct.pack("=H", socket.AF_INET6)
+            + struct.pack("!HI", port, flowinfo)
+            + socket.inet_pton(socket.AF_INET6, host)
+            + struct.pack("=I", scope_id)
+        )
+    if family == socket.AF_UNIX:
+        path = os.fsencode(address) if isinstance(address, str) else bytes(address)
+        if not path.startswith(b"\0"):
+            path += b"\0"
+        if len(path) > 108:
+            raise OSError(errno.ENAMETOOLONG, "AF_UNIX path too long")
+        return struct.pack("=H", socket.AF_UNIX) + path
+    return None
+
+
+class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type]
+    """An asyncio event loop whose only way of waiting and doing I/O is one io_uring.
+
+    ``setup`` picks the ring's set-up flags: ``"auto"`` (the default, or the
+    ``URINGLOOP_RING_SETUP`` environment variable) tries SINGLE_ISSUER|DEFER_TASKRUN
+    first and steps down on EINVAL; ``"defer"``, ``"coop"`` and ``"plain"`` force a rung.
+    Raises `uringloop.UringUnavailableError` when io_uring cannot be used.
+    """
+
+    def __init__(self, *, setup: str | None = None) -> None:
+        self._ring_setup = _ring.create_ring(setup or os.environ.get("URINGLOOP_RING_SETUP", "auto"))
+        address = int(_ring.ffi.cast("uintptr_t", self._ring_setup.ring))
+        self._ring = Ring(address, self._ring_setup.ring)
+        self._ring.orphan_callback = self._keep_orphaned_data
+        self._orphaned: dict[int, bytearray] = {}
+        try:
+            super().__init__(selector=RingSelector(self._ring))
+        except BaseException:
+            self._close_ring()
+            raise
+
+    # ------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        if self.is_running():
+            raise RuntimeError("Cannot close a running event loop")
+        if self.is_closed():
+            return
+        try:
+            super().close()
+        finally:
+            self._close_ring()
+
+    def _close_ring(self) -> None:
+        ring = self._ring
+        if ring.closed:
+            return
+        forked = ring.forked
+        drained = ring.close(CLOSE_DRAIN_SECONDS)
+        if drained:
+            _ring.destroy_ring(self._ring_setup)
+        elif not forked:
+            warnings.warn(
+                f"uringloop: {ring.inflight} io_uring requests were still in the kernel "
+                f"{CLOSE_DRAIN_SECONDS:.0f}s after close(); their buffers and the ring are kept "
+                "for the life of the process rather than freed while in use",
+                ResourceWarning,
+                stacklevel=3,
+            )
+
+    def ring_info(self) -> dict[str, Any]:
+        """How this loop's ring was set up, and the data plane's counters."""
+        s = self._ring_setup
+        return {
+            "setup": s.rung,
+            "flags": s.flag_names,
+            "features": s.feature_names,
+            "sq_entries": s.sq_entries,
+            "cq_entries": s.cq_entries,
+            "refused": [rung for rung, _ in s.refused],
+            **self._ring.stats(),
+        }
+
+    # --------------------------------------------------------- socket API
+
+    def _keep_orphaned_data(self, fd: int, data: bytes) -> None:
+        self._orphaned.setdefault(fd, bytearray()).extend(data)
+
+    def _take_orphaned(self, fd: int, n: int) -> bytes | None:
+        buf = self._orphaned.get(fd)
+        if not buf:
+            return None
+        chunk = bytes(buf[:n])
+        del buf[:n]
+        if not buf:
+            del self._orphaned[fd]
+        return chunk
+
+    def _check_sock(self, sock: socket.socket) -> None:
+        base_events._check_ssl_socket(sock)
+        if self._debug and sock.gettimeout() != 0:
+            raise ValueError("the socket must be non-blocking")
+
+    async def sock_recv(self, sock: socket.socket, n: int) -> bytes:
+        """Receive up to n bytes from sock: one IORING_OP_RECV."""
+        self._check_sock(sock)
+        fd = sock.fileno()
+        if self._orphaned and (chunk := self._take_orphaned(fd, n)) is not None:
+            return chunk
+        self._ensure_fd_no_transport(fd)
+        fut = self.create_future()
+        key = self._ring.recv(fd, n, fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self._ring.cancel(key)
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._keep_orphaned_data(fd, fut.result())
+            raise
+
+    async def sock_recv_into(self, sock: socket.socket, buf: Any) -> int:
+        """Receive into buf: one IORING_OP_RECV straight into its memory."""
+        self._check_sock(sock)
+        fd = sock.fileno()
+        if self._orphaned and fd in self._orphaned:
+            view = memoryview(buf).cast("B")
+            chunk = self._take_orphaned(fd, len(view))
+            if chunk is not None:
+                view[: len(chunk)] = chunk
+                return len(chunk)
+        self._ensure_fd_no_transport(fd)
+        fut = self.create_future()
+        key = self._ring.recv_into(fd, buf, 0, fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self._ring.cancel(key)
+            raise
+
+    async def sock_sendall(self, sock: socket.socket, data: Any) -> None:
+        """Send all of data; short sends are resubmitted in C until done."""
+        self._check_sock(sock)
+        fd = sock.fileno()
+        self._ensure_fd_no_transport(fd)
+        fut = self.create_future()
+        key = self._ring.sendall(fd, data, fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            self._ring.cancel(key)
+            raise
+
+    async def sock_connect(self, sock: socket.socket, address: Any) -> None:
+        """Connect sock: IORING_OP_CONNECT after asyncio's address resolution."""
+        self._check_sock(sock)
+        if sock.family == socket.AF_INET or (
+            base_events._HAS_IPv6 and sock.family == socket.AF_INET6
+        ):
+            resolved = await self._ensure_resolved(
+                address, family=sock.family, type=sock.type, proto=sock.proto, loop=self
+            )
+            _, _, _, _, address = resolved[0]
+        packed = _pack_sockaddr(sock.family, address)
+        if packed is None:
+            return await super().sock_connect(sock, address)
+        fut = self.create_future()
+        key = self._ring.connect(sock.fileno(), packed, fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            self._ring.cancel(key)
+            raise
+        except OSError as exc:
+            raise OSError(exc.errno, f"Connect call failed {address}") from None
+
+    async def sock_accept(self, sock: socket.socket) -> tuple[socket.socket, Any]:
+        """Accept one connection: IORING_OP_ACCEPT."""
+        self._check_sock(sock)
+        fut = self.create_future()
+        key = self._ring.accept(sock.fileno(), fut)
+        try:
+            fd, address = await fut
+        except asyncio.CancelledError:
+            self._ring.cancel(key)
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                os.close(fut.result()[0])
+            raise
+        conn = socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
+        conn.setblocking(False)
+        return conn, address
+

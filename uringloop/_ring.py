@@ -1,0 +1,311 @@
+"""Control plane: ring set-up with flag fallback, feature probing, availability errors.
+
+Facts this module relies on (see shared/notes/kernel-facts.md for sources):
+
+- ``io_uring_setup`` fails with ENOSYS on kernels without io_uring and under seccomp
+  profiles that hide it, with EPERM when ``kernel.io_uring_disabled`` forbids it (or a
+  seccomp filter says so), and EACCES/EOPNOTSUPP in some managed sandboxes. liburing
+  returns ``-errno`` rather than setting errno.
+- Set-up flags for a single-threaded loop, newest first: SINGLE_ISSUER (6.0) with
+  DEFER_TASKRUN (6.1), else COOP_TASKRUN (5.19), plus SUBMIT_ALL (5.18) and CQSIZE.
+  A kernel that does not know a flag answers EINVAL, so we step down one rung at a time.
+- SINGLE_ISSUER binds the ring to one task; a ring created with R_DISABLED binds to
+  the task that enables it, which the data plane does in the loop's first wait().
+- Opcodes are probed with IORING_REGISTER_PROBE; request flags the probe cannot see
+  (SEND_ZC usage reports, multishot recv, provided buffer rings, multishot accept) are
+  tried once per process on a throwaway ring.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import platform
+from dataclasses import dataclass, field
+
+from . import _uring
+
+ffi = _uring.ffi
+lib = _uring.lib
+
+SQ_ENTRIES = 1024
+# Two CQEs per zero-copy send and a multishot stream per socket: keep the CQ roomy,
+# since multishot requests end when the CQ overflows.
+CQ_ENTRIES = 8 * SQ_ENTRIES
+
+# Kernel ABI opcode numbers (include/uapi/linux/io_uring.h); names past the end of
+# this table are printed by number.
+OPCODE_NAMES = (
+    "NOP READV WRITEV FSYNC READ_FIXED WRITE_FIXED POLL_ADD POLL_REMOVE SYNC_FILE_RANGE "
+    "SENDMSG RECVMSG TIMEOUT TIMEOUT_REMOVE ACCEPT ASYNC_CANCEL LINK_TIMEOUT CONNECT "
+    "FALLOCATE OPENAT CLOSE FILES_UPDATE STATX READ WRITE FADVISE MADVISE SEND RECV "
+    "OPENAT2 EPOLL_CTL SPLICE PROVIDE_BUFFERS REMOVE_BUFFERS TEE SHUTDOWN RENAMEAT "
+    "UNLINKAT MKDIRAT SYMLINKAT LINKAT MSG_RING FSETXATTR SETXATTR FGETXATTR GETXATTR "
+    "SOCKET URING_CMD SEND_ZC SENDMSG_ZC READ_MULTISHOT WAITID FUTEX_WAIT FUTEX_WAKE "
+    "FUTEX_WAITV FIXED_FD_INSTALL FTRUNCATE BIND LISTEN RECV_ZC EPOLL_WAIT READV_FIXED "
+    "WRITEV_FIXED PIPE"
+).split()
+OP = {name: number for number, name in enumerate(OPCODE_NAMES)}
+
+# The rungs tried in order. Each is (name, flags); CQSIZE is added to all.
+SETUP_LADDER: tuple[tuple[str, int], ...] = (
+    (
+        "SINGLE_ISSUER|DEFER_TASKRUN|SUBMIT_ALL",
+        lib.IORING_SETUP_SINGLE_ISSUER
+        | lib.IORING_SETUP_DEFER_TASKRUN
+        | lib.IORING_SETUP_SUBMIT_ALL
+        | lib.IORING_SETUP_R_DISABLED,
+    ),
+    (
+        "SINGLE_ISSUER|COOP_TASKRUN|SUBMIT_ALL",
+        lib.IORING_SETUP_SINGLE_ISSUER
+        | lib.IORING_SETUP_COOP_TASKRUN
+        | lib.IORING_SETUP_SUBMIT_ALL
+        | lib.IORING_SETUP_R_DISABLED,
+    ),
+    ("COOP_TASKRUN|SUBMIT_ALL", lib.IORING_SETUP_COOP_TASKRUN | lib.IORING_SETUP_SUBMIT_ALL),
+    ("SUBMIT_ALL", lib.IORING_SETUP_SUBMIT_ALL),
+    ("plain", 0),
+)
+
+SETUP_FLAG_NAMES = {
+    "CQSIZE": lib.IORING_SETUP_CQSIZE,
+    "SUBMIT_ALL": lib.IORING_SETUP_SUBMIT_ALL,
+    "COOP_TASKRUN": lib.IORING_SETUP_COOP_TASKRUN,
+    "TASKRUN_FLAG": lib.IORING_SETUP_TASKRUN_FLAG,
+    "SINGLE_ISSUER": lib.IORING_SETUP_SINGLE_ISSUER,
+    "DEFER_TASKRUN": lib.IORING_SETUP_DEFER_TASKRUN,
+    "R_DISABLED": lib.IORING_SETUP_R_DISABLED,
+}
+
+FEATURE_NAMES = {
+    "SINGLE_MMAP": lib.IORING_FEAT_SINGLE_MMAP,
+    "NODROP": lib.IORING_FEAT_NODROP,
+    "SUBMIT_STABLE": lib.IORING_FEAT_SUBMIT_STABLE,
+    "FAST_POLL": lib.IORING_FEAT_FAST_POLL,
+    "EXT_ARG": lib.IORING_FEAT_EXT_ARG,
+    "NATIVE_WORKERS": lib.IORING_FEAT_NATIVE_WORKERS,
+    "CQE_SKIP": lib.IORING_FEAT_CQE_SKIP,
+    "LINKED_FILE": lib.IORING_FEAT_LINKED_FILE,
+}
+
+
+class UringUnavailableError(OSError):
+    """io_uring cannot be used in this process; the message says why and how to fix it."""
+
+
+def _read_sysctl(name: str) -> str | None:
+    try:
+        with open("/proc/sys/" + name.replace(".", "/")) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def explain_setup_error(err: int) -> UringUnavailableError:
+    """Build the error a user sees when io_uring_setup is refused."""
+    name = errno.errorcode.get(err, str(err))
+    disabled = _read_sysctl("kernel.io_uring_disabled")
+    if err == errno.ENOSYS:
+        why = (
+            "the kernel has no io_uring (Linux older than 5.1 or built without "
+            "CONFIG_IO_URING), or a seccomp filter hides io_uring_setup (Docker's default "
+            "profile since 2023 does)"
+        )
+        fix = (
+            "run on Linux 6.1 or newer, or allow io_uring_setup/io_uring_enter/"
+            "io_uring_register in the container's seccomp profile"
+        )
+    elif err == errno.EPERM:
+        if disabled and disabled != "0":
+            why = f"the sysctl kernel.io_uring_disabled is {disabled}" + (
+                " (io_uring is off for everyone)"
+                if disabled == "2"
+                else " (only CAP_SYS_ADMIN or members of kernel.io_uring_group may use it)"
+            )
+            fix = "set kernel.io_uring_disabled=0, or add this user to kernel.io_uring_group"
+        else:
+            why = "a seccomp filter or security module refuses io_uring_setup"
+            fix = "allow the io_uring syscalls in the seccomp profile (or sandbox policy)"
+    elif err in (errno.EACCES, errno.EOPNOTSUPP):
+        why = "a security policy of this host or sandbox refuses io_uring"
+        fix = "ask for io_uring to be allowed, or run where it is"
+    elif err == errno.ENOMEM:
+        why = "the kernel could not allocate the ring (RLIMIT_MEMLOCK may be too low)"
+        fix = "raise the memlock limit (ulimit -l)"
+    else:
+        why = "io_uring_setup failed"
+        fix = "check the kernel's io_uring support"
+    msg = (
+        f"io_uring is unavailable: io_uring_setup failed with {name} ({os.strerror(err)}): "
+        f"{why}. To fix: {fix}. uringloop.EventLoopPolicy() and uringloop.install() fall back "
+        f"to asyncio's default loop unless URINGLOOP_REQUIRE=1."
+    )
+    return UringUnavailableError(err, msg)
+
+
+@dataclass
+class RingSetup:
+    """What one ring was set up with."""
+
+    ring: object  # cffi "struct io_uring *", owns the memory
+    flags: int
+    features: int
+    sq_entries: int
+    cq_entries: int
+    rung: str
+    refused: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def flag_names(self) -> list[str]:
+        return [n for n, v in SETUP_FLAG_NAMES.items() if self.flags & v]
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [n for n, v in FEATURE_NAMES.items() if self.features & v]
+
+
+_NAMED_RUNGS = {"defer": 0, "coop": 1, "plain": len(SETUP_LADDER) - 1}
+
+
+def _ladder(setup: str) -> tuple[tuple[str, int], ...]:
+    if setup == "auto":
+        if os.environ.get("URINGLOOP_SINGLE_ISSUER", "1") == "0":
+            return SETUP_LADDER[2:]
+        return SETUP_LADDER
+    if setup not in _NAMED_RUNGS:
+        raise ValueError(f"unknown ring setup {setup!r}: use 'auto', 'defer', 'coop' or 'plain'")
+    return (SETUP_LADDER[_NAMED_RUNGS[setup]],)
+
+
+def create_ring(setup: str = "auto", sq_entries: int = SQ_ENTRIES) -> RingSetup:
+    """Set up a ring, stepping down the flag ladder on EINVAL.
+
+    Raises UringUnavailableError when io_uring itself is refused.
+    """
+    refused: list[tuple[str, int]] = []
+    for rung, flags in _ladder(setup):
+        ring = ffi.new("struct io_uring *")
+        params = ffi.new("struct io_uring_params *")
+        params.flags = flags | lib.IORING_SETUP_CQSIZE
+        params.cq_entries = max(CQ_ENTRIES, sq_entries * 2)
+        ret = lib.io_uring_queue_init_params(sq_entries, ring, params)
+        if ret == 0:
+            return RingSetup(
+                ring=ring,
+                flags=params.flags,
+                features=params.features,
+                sq_entries=params.sq_entries,
+                cq_entries=params.cq_entries,
+                rung=rung,
+                refused=refused,
+            )
+        if ret != -errno.EINVAL:
+            raise explain_setup_error(-ret)
+        refused.append((rung, -ret))
+    raise UringUnavailableError(
+        errno.EINVAL, "io_uring_setup refused every set-up flag combination (EINVAL)"
+    )
+
+
+def destroy_ring(setup: RingSetup) -> None:
+    lib.io_uring_queue_exit(setup.ring)
+
+
+@dataclass(frozen=True)
+class Features:
+    """What this kernel's io_uring can do, probed (never guessed from a version)."""
+
+    kernel: str
+    opcodes: frozenset[str]
+    setup_flags: dict[str, bool]
+    ring_features: tuple[str, ...]
+    send_zc: bool
+    send_zc_report_usage: bool
+    multishot_accept: bool
+    recv_multishot: bool
+    provided_buffer_rings: bool
+    registered_buffers: bool
+
+    def has(self, opcode: str) -> bool:
+        return opcode in self.opcodes
+
+
+def _probe_setup_flag(flags: int) -> bool:
+    ring = ffi.new("struct io_uring *")
+    params = ffi.new("struct io_uring_params *")
+    params.flags = flags
+    params.cq_entries = 16
+    ret = lib.io_uring_queue_init_params(4, ring, params)
+    if ret == 0:
+        lib.io_uring_queue_exit(ring)
+        return True
+    if ret == -errno.EINVAL:
+        return False
+    raise explain_setup_error(-ret)
+
+
+@functools.lru_cache(maxsize=1)
+def probe() -> Features:
+    """Probe the running kernel once per process. Raises UringUnavailableError."""
+    s = lib
+    flag_sets = {
+        "CQSIZE": s.IORING_SETUP_CQSIZE,
+        "CLAMP": s.IORING_SETUP_CLAMP,
+        "SUBMIT_ALL": s.IORING_SETUP_SUBMIT_ALL,
+        "COOP_TASKRUN": s.IORING_SETUP_COOP_TASKRUN,
+        "TASKRUN_FLAG": s.IORING_SETUP_COOP_TASKRUN | s.IORING_SETUP_TASKRUN_FLAG,
+        "SINGLE_ISSUER": s.IORING_SETUP_SINGLE_ISSUER,
+        "DEFER_TASKRUN": s.IORING_SETUP_SINGLE_ISSUER | s.IORING_SETUP_DEFER_TASKRUN,
+        "R_DISABLED": s.IORING_SETUP_R_DISABLED,
+    }
+    flags = {name: _probe_setup_flag(v) for name, v in flag_sets.items()}
+
+    ring = ffi.new("struct io_uring *")
+    params = ffi.new("struct io_uring_params *")
+    ret = lib.io_uring_queue_init_params(8, ring, params)
+    if ret < 0:
+        raise explain_setup_error(-ret)
+    try:
+        probe_ptr = lib.io_uring_get_probe_ring(ring)
+        opcodes: set[str] = set()
+        if probe_ptr != ffi.NULL:
+            try:
+                for number in range(probe_ptr.last_op + 1):
+                    if lib.io_uring_opcode_supported(probe_ptr, number):
+                        name = OPCODE_NAMES[number] if number < len(OPCODE_NAMES) else f"OP_{number}"
+                        opcodes.add(name)
+            finally:
+                lib.io_uring_free_probe(probe_ptr)
+        send_zc = "SEND_ZC" in opcodes
+        report_usage = send_zc and lib.ul_try_send_zc_report_usage(ring) == 0
+        buf_rings = lib.ul_try_buf_ring(ring) == 0
+        recv_multishot = buf_rings and lib.ul_try_recv_multishot(ring) == 0
+        multishot_accept = "ACCEPT" in opcodes and lib.ul_try_multishot_accept(ring) == 0
+        registered = _try_register_buffers(ring)
+    finally:
+        lib.io_uring_queue_exit(ring)
+    return Features(
+        kernel=platform.release(),
+        opcodes=frozenset(opcodes),
+        setup_flags=flags,
+        ring_features=tuple(n for n, v in FEATURE_NAMES.items() if params.features & v),
+        send_zc=send_zc,
+        send_zc_report_usage=report_usage,
+        multishot_accept=multishot_accept,
+        recv_multishot=recv_multishot,
+        provided_buffer_rings=buf_rings,
+        registered_buffers=registered,
+    )
+
+
+def _try_register_buffers(ring: object) -> bool:
+    mem = ffi.new("char[]", 4096)
+    iov = ffi.new("struct iovec *")
+    iov.iov_base = mem
+    iov.iov_len = 4096
+    if lib.io_uring_register_buffers(ring, iov, 1) != 0:
+        return False
+    lib.io_uring_unregister_buffers(ring)
+    return True
