@@ -51,7 +51,7 @@ typedef struct {
     PyObject_HEAD
     struct io_uring *ring;
     PyObject *owner;     /* the cffi object owning the struct io_uring memory */
-    PyObject *orphan_cb; /* called as orphan_cb(fd, bytes) for data a cancelled recv consumed */
+    PyObject *orphan_cb; /* called as orphan_cb(sock, bytes) for data a cancelled recv consumed */
     ul_op **ops;
     uint32_t nops, cap, free_head;
     uint32_t inflight;
@@ -122,7 +122,7 @@ static ul_op *op_alloc(Ring *r, enum ul_kind kind)
     op->armed = op->cancelled = op->has_view = op->queued = 0;
     op->fd = -1;
     op->arg = 0;
-    op->fut = op->obj = NULL;
+    op->fut = op->obj = op->sock = NULL;
     op->done = 0;
     op->addrlen = 0;
     op->next_free = UL_NO_SLOT;
@@ -138,6 +138,7 @@ static void op_free(Ring *r, ul_op *op)
     }
     Py_CLEAR(op->fut);
     Py_CLEAR(op->obj);
+    Py_CLEAR(op->sock);
     op->kind = UL_FREE;
     op->gen++;
     if (op->gen == 0)
@@ -233,18 +234,21 @@ static PyObject *oserror_from(int err)
     return PyObject_CallFunction(PyExc_OSError, "is", err, strerror(err));
 }
 
-/* Resolve fut with value (steals nothing). A done future (cancelled) is left alone. */
-static void fut_resolve(PyObject *fut, PyObject *value, int is_exc)
+static int fut_is_done(PyObject *fut)
 {
     PyObject *done = PyObject_CallMethodNoArgs(fut, str_done);
     if (!done) {
         PyErr_WriteUnraisable(fut);
-        return;
+        return 1;
     }
     int is_done = PyObject_IsTrue(done);
     Py_DECREF(done);
-    if (is_done)
-        return;
+    return is_done;
+}
+
+/* Resolve fut with value (steals nothing). A done future (cancelled) is left alone. */
+static void fut_resolve(PyObject *fut, PyObject *value, int is_exc)
+{
     PyObject *res = PyObject_CallMethodOneArg(fut, is_exc ? str_set_exception : str_set_result, value);
     if (!res)
         PyErr_WriteUnraisable(fut);
@@ -326,9 +330,9 @@ static void orphan_data(Ring *r, ul_op *op, const char *data, Py_ssize_t n)
 {
     /* A cancelled recv that raced with arriving data: the bytes left the
        socket, so hand them back to the loop for the next reader. */
-    if (!r->orphan_cb)
+    if (!r->orphan_cb || !op->sock)
         return;
-    PyObject *res = PyObject_CallFunction(r->orphan_cb, "iy#", op->fd, data, n);
+    PyObject *res = PyObject_CallFunction(r->orphan_cb, "Oy#", op->sock, data, n);
     if (!res)
         PyErr_WriteUnraisable(r->orphan_cb);
     Py_XDECREF(res);
@@ -344,7 +348,9 @@ static void complete_op(Ring *r, ul_op *op, int res, unsigned flags)
     }
     op->armed = 0;
     r->inflight--;
-    int gone = op->cancelled;
+    /* A future cancelled before its cancel reached the kernel counts as gone too:
+       its data must not vanish into a done future. */
+    int gone = op->cancelled || (op->fut && fut_is_done(op->fut));
     switch (op->kind) {
     case UL_RECV:
         if (res > 0 && gone) {
@@ -516,6 +522,7 @@ static int Ring_traverse(Ring *r, visitproc visit, void *arg)
         ul_op *op = r->ops[i];
         Py_VISIT(op->fut);
         Py_VISIT(op->obj);
+        Py_VISIT(op->sock);
     }
     return 0;
 }
@@ -661,7 +668,7 @@ static PyObject *Ring_poll_modify(Ring *r, PyObject *args)
     }
     if (!op->armed) {
         op->arg = mask; /* applies when it is re-armed */
-        Py_RETURN_NONE;
+        return PyLong_FromUnsignedLongLong(key);
     }
     /* Armed with the old mask: retire it and register anew. */
     int fd = op->fd;
@@ -701,8 +708,8 @@ static PyObject *Ring_recv(Ring *r, PyObject *args)
 {
     int fd;
     Py_ssize_t n;
-    PyObject *fut;
-    if (!PyArg_ParseTuple(args, "inO:recv", &fd, &n, &fut))
+    PyObject *fut, *sock = NULL;
+    if (!PyArg_ParseTuple(args, "inO|O:recv", &fd, &n, &fut, &sock))
         return NULL;
     if (n < 0) {
         PyErr_SetString(PyExc_ValueError, "negative buffersize in recv");
@@ -729,6 +736,8 @@ static PyObject *Ring_recv(Ring *r, PyObject *args)
     op->obj = buf;
     Py_INCREF(fut);
     op->fut = fut;
+    Py_XINCREF(sock);
+    op->sock = sock;
     io_uring_prep_recv(sqe, fd, PyBytes_AS_STRING(buf), (size_t)n, 0);
     op_armed(r, op, sqe);
     return PyLong_FromUnsignedLongLong(op_key(op));
@@ -745,6 +754,11 @@ static ul_op *buffer_op(Ring *r, enum ul_kind kind, int fd, PyObject *obj, PyObj
         return NULL;
     if (PyObject_GetBuffer(obj, &op->view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
         op_free(r, op);
+        if (writable && PyErr_ExceptionMatches(PyExc_BufferError)) {
+            /* what socket.recv_into() raises for a read-only buffer */
+            PyErr_Format(PyExc_TypeError, "recv_into() argument 1 must be read-write bytes-like object, not %.100s",
+                         Py_TYPE(obj)->tp_name);
+        }
         return NULL;
     }
     op->has_view = 1;
@@ -766,13 +780,15 @@ static PyObject *Ring_recv_into(Ring *r, PyObject *args)
 {
     int fd;
     Py_ssize_t n;
-    PyObject *obj, *fut;
+    PyObject *obj, *fut, *sock = NULL;
     struct io_uring_sqe *sqe;
-    if (!PyArg_ParseTuple(args, "iOnO:recv_into", &fd, &obj, &n, &fut))
+    if (!PyArg_ParseTuple(args, "iOnO|O:recv_into", &fd, &obj, &n, &fut, &sock))
         return NULL;
     ul_op *op = buffer_op(r, UL_RECV_INTO, fd, obj, fut, 1, &sqe);
     if (!op)
         return NULL;
+    Py_XINCREF(sock);
+    op->sock = sock;
     if (n <= 0 || n > op->view.len)
         n = op->view.len;
     io_uring_prep_recv(sqe, fd, op->view.buf, (size_t)n, 0);
@@ -984,8 +1000,9 @@ static PyMethodDef Ring_methods[] = {
      "poll_modify(key, mask) -> key (possibly a new one)"},
     {"cancel", (PyCFunction)Ring_cancel, METH_O,
      "cancel(key) -> bool; the record is kept until the kernel's final CQE"},
-    {"recv", (PyCFunction)Ring_recv, METH_VARARGS, "recv(fd, n, fut) -> key"},
-    {"recv_into", (PyCFunction)Ring_recv_into, METH_VARARGS, "recv_into(fd, buf, n, fut) -> key"},
+    {"recv", (PyCFunction)Ring_recv, METH_VARARGS, "recv(fd, n, fut[, sock]) -> key"},
+    {"recv_into", (PyCFunction)Ring_recv_into, METH_VARARGS,
+     "recv_into(fd, buf, n, fut[, sock]) -> key"},
     {"sendall", (PyCFunction)Ring_sendall, METH_VARARGS, "sendall(fd, data, fut) -> key"},
     {"accept", (PyCFunction)Ring_accept, METH_VARARGS, "accept(fd, fut) -> key"},
     {"connect", (PyCFunction)Ring_connect, METH_VARARGS, "connect(fd, sockaddr, fut) -> key"},
@@ -1000,7 +1017,7 @@ static PyGetSetDef Ring_getset[] = {
     {"closed", (getter)Ring_get_closed, NULL, NULL},
     {"inflight", (getter)Ring_get_inflight, NULL, "requests the kernel still owns"},
     {"orphan_callback", (getter)Ring_get_orphan_cb, (setter)Ring_set_orphan_cb,
-     "orphan_callback(fd, data) receives data read by a recv that was cancelled meanwhile"},
+     "orphan_callback(sock, data) receives data read by a recv that was cancelled meanwhile"},
     {NULL},
 };
 

@@ -39,6 +39,7 @@ typedef struct ul_op {
     unsigned arg; /* poll mask, recv length, or MSG_* flags */
     PyObject *fut;
     PyObject *obj;
+    PyObject *sock; /* the socket object a recv reads for (handed to orphan_cb) */
     Py_buffer view;
     size_t done;
     socklen_t addrlen;

@@ -91,7 +91,7 @@ class EventLoopPolicy(_policy_base()):  # type: ignore[misc]
 
 
 def install(*, fallback: bool | None = None) -> None:
-    """Make uringloop the event loop of asyncio's policy (for asyncio.run() without loop_factory)."""
+    """Make uringloop the loop of asyncio's policy (for asyncio.run() without loop_factory)."""
     asyncio.set_event_loop_policy(EventLoopPolicy(fallback=fallback))
 
 

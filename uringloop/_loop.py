@@ -30,6 +30,7 @@ import selectors
 import socket
 import struct
 import warnings
+import weakref
 from asyncio import base_events
 from typing import Any
 
@@ -161,11 +162,12 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
     """
 
     def __init__(self, *, setup: str | None = None) -> None:
-        self._ring_setup = _ring.create_ring(setup or os.environ.get("URINGLOOP_RING_SETUP", "auto"))
+        setup = setup or os.environ.get("URINGLOOP_RING_SETUP", "auto")
+        self._ring_setup = _ring.create_ring(setup)
         address = int(_ring.ffi.cast("uintptr_t", self._ring_setup.ring))
         self._ring = Ring(address, self._ring_setup.ring)
         self._ring.orphan_callback = self._keep_orphaned_data
-        self._orphaned: dict[int, bytearray] = {}
+        self._orphaned: dict[int, tuple[weakref.ref, bytearray]] = {}
         try:
             super().__init__(selector=RingSelector(self._ring))
         except BaseException:
@@ -216,13 +218,29 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
 
     # --------------------------------------------------------- socket API
 
-    def _keep_orphaned_data(self, fd: int, data: bytes) -> None:
-        self._orphaned.setdefault(fd, bytearray()).extend(data)
+    # A recv that is cancelled while the kernel already has it in hand may still
+    # complete with data. That data has left the socket, so it is kept here for the
+    # next sock_recv on the same socket object (never for a later socket that reuses
+    # the fd number).
 
-    def _take_orphaned(self, fd: int, n: int) -> bytes | None:
-        buf = self._orphaned.get(fd)
-        if not buf:
+    def _keep_orphaned_data(self, sock: socket.socket, data: bytes) -> None:
+        fd = sock.fileno()
+        if fd < 0:
+            return  # the socket is closed: nobody can read this data any more
+        entry = self._orphaned.get(fd)
+        if entry is None or entry[0]() is not sock:
+            entry = self._orphaned[fd] = (weakref.ref(sock), bytearray())
+        entry[1].extend(data)
+
+    def _take_orphaned(self, sock: socket.socket, n: int) -> bytes | None:
+        fd = sock.fileno()
+        entry = self._orphaned.get(fd)
+        if entry is None:
             return None
+        if entry[0]() is not sock:
+            del self._orphaned[fd]
+            return None
+        buf = entry[1]
         chunk = bytes(buf[:n])
         del buf[:n]
         if not buf:
@@ -238,17 +256,17 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         """Receive up to n bytes from sock: one IORING_OP_RECV."""
         self._check_sock(sock)
         fd = sock.fileno()
-        if self._orphaned and (chunk := self._take_orphaned(fd, n)) is not None:
+        if self._orphaned and (chunk := self._take_orphaned(sock, n)) is not None:
             return chunk
         self._ensure_fd_no_transport(fd)
         fut = self.create_future()
-        key = self._ring.recv(fd, n, fut)
+        key = self._ring.recv(fd, n, fut, sock)
         try:
             return await fut
         except asyncio.CancelledError:
             self._ring.cancel(key)
             if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._keep_orphaned_data(fd, fut.result())
+                self._keep_orphaned_data(sock, fut.result())
             raise
 
     async def sock_recv_into(self, sock: socket.socket, buf: Any) -> int:
@@ -257,13 +275,13 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         fd = sock.fileno()
         if self._orphaned and fd in self._orphaned:
             view = memoryview(buf).cast("B")
-            chunk = self._take_orphaned(fd, len(view))
+            chunk = self._take_orphaned(sock, len(view))
             if chunk is not None:
                 view[: len(chunk)] = chunk
                 return len(chunk)
         self._ensure_fd_no_transport(fd)
         fut = self.create_future()
-        key = self._ring.recv_into(fd, buf, 0, fut)
+        key = self._ring.recv_into(fd, buf, 0, fut, sock)
         try:
             return await fut
         except asyncio.CancelledError:
@@ -321,4 +339,3 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         conn = socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
         conn.setblocking(False)
         return conn, address
-

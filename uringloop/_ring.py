@@ -274,8 +274,8 @@ def probe() -> Features:
             try:
                 for number in range(probe_ptr.last_op + 1):
                     if lib.io_uring_opcode_supported(probe_ptr, number):
-                        name = OPCODE_NAMES[number] if number < len(OPCODE_NAMES) else f"OP_{number}"
-                        opcodes.add(name)
+                        known = number < len(OPCODE_NAMES)
+                        opcodes.add(OPCODE_NAMES[number] if known else f"OP_{number}")
             finally:
                 lib.io_uring_free_probe(probe_ptr)
         send_zc = "SEND_ZC" in opcodes

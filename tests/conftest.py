@@ -1,0 +1,56 @@
+"""Shared fixtures: every async test runs on asyncio's loop, uvloop and uringloop.
+
+pytest-asyncio's ``pytest_asyncio_loop_factories`` hook parametrizes each
+``@pytest.mark.asyncio`` test over the three loops, so a behaviour that differs from
+asyncio's shows up as a failing comparison. Tests about uringloop's own machinery
+select it with ``@pytest.mark.asyncio(loop_factories=["uringloop"])``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+
+import pytest
+
+import uringloop
+
+try:
+    import uvloop
+except ImportError:  # uvloop has no wheel for this interpreter
+    uvloop = None
+
+
+def _factories() -> dict:
+    factories = {"asyncio": asyncio.SelectorEventLoop, "uringloop": uringloop.new_event_loop}
+    if uvloop is not None:
+        factories["uvloop"] = uvloop.new_event_loop
+    return factories
+
+
+def pytest_asyncio_loop_factories(config, item):
+    return _factories()
+
+
+def open_sockets() -> set[int]:
+    """Socket fds of this process (loops keep pipes and eventfds of their own)."""
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                fds.add(int(name))
+        except OSError:
+            pass
+    return fds
+
+
+@pytest.fixture
+def fd_leak_check():
+    """Fail the test when it leaves sockets open."""
+    gc.collect()
+    before = open_sockets()
+    yield
+    gc.collect()
+    leaked = open_sockets() - before
+    assert not leaked, f"sockets leaked: {sorted(leaked)}"
