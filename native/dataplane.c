@@ -540,7 +540,7 @@ static void Ring_dealloc(Ring *r)
 {
     PyObject_GC_UnTrack(r);
     uint32_t i;
-    if (r->inflight == 0 || r->fork_generation != ul_fork_generation) {
+    if (r->inflight == 0 || r->drained || r->fork_generation != ul_fork_generation) {
         for (i = 1; i < r->nops; i++) {
             if (r->ops[i]->kind != UL_FREE)
                 op_free(r, r->ops[i]);
@@ -896,23 +896,34 @@ static double now_monotonic(void)
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-/* close(timeout) -> True when the kernel returned every request and the ring
-   may be torn down; False when requests are still outstanding (their memory is
-   then kept for the life of the process). */
+/* Requests the kernel still holds that point into memory we own (polls hold only an fd). */
+static uint32_t memory_backed_inflight(Ring *r)
+{
+    uint32_t n = 0;
+    for (uint32_t i = 1; i < r->nops; i++) {
+        ul_op *op = r->ops[i];
+        n += op->kind != UL_FREE && op->kind != UL_POLL && op->armed;
+    }
+    return n;
+}
+
+/* close(timeout) -> int: cancel everything, reap until the kernel returned it all
+   or timeout seconds passed, and return how many memory-backed requests are still
+   outstanding. 0 means the ring may be torn down and every record freed; otherwise
+   the caller must keep this object (and so those buffers) alive for good. */
 static PyObject *Ring_close(Ring *r, PyObject *arg)
 {
     double limit = PyFloat_AsDouble(arg);
     if (limit == -1.0 && PyErr_Occurred())
         return NULL;
     if (r->closed)
-        return PyBool_FromLong(r->drained);
+        return PyLong_FromUnsignedLong(memory_backed_inflight(r));
     if (r->fork_generation != ul_fork_generation) {
         /* The child's copy of the records points at the child's copy of
            memory the kernel never sees: nothing to wait for. */
         r->closed = 1;
         r->drained = 1;
-        r->inflight = 0;
-        Py_RETURN_TRUE;
+        return PyLong_FromLong(0);
     }
     uint32_t i;
     for (i = 1; i < r->nops; i++) {
@@ -927,8 +938,6 @@ static PyObject *Ring_close(Ring *r, PyObject *arg)
             op->cancelled = 1;
             if (submit_cancel(r, op) < 0)
                 return NULL;
-        } else {
-            op->cancelled = 1;
         }
     }
     r->nrearm = 0;
@@ -943,6 +952,7 @@ static PyObject *Ring_close(Ring *r, PyObject *arg)
         ret = io_uring_submit_and_wait_timeout(r->ring, &cqe, 1, &ts, NULL);
         Py_END_ALLOW_THREADS
         r->n_enter++;
+        /* EEXIST: another thread owns this SINGLE_ISSUER ring; only it could reap. */
         if (ret < 0 && ret != -ETIME && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY)
             break;
         reap(r);
@@ -950,8 +960,9 @@ static PyObject *Ring_close(Ring *r, PyObject *arg)
             break;
     }
     r->closed = 1;
-    r->drained = r->inflight == 0;
-    return PyBool_FromLong(r->drained);
+    uint32_t pinned = memory_backed_inflight(r);
+    r->drained = pinned == 0;
+    return PyLong_FromUnsignedLong(pinned);
 }
 
 static PyObject *Ring_stats(Ring *r, PyObject *unused)
@@ -1007,7 +1018,8 @@ static PyMethodDef Ring_methods[] = {
     {"accept", (PyCFunction)Ring_accept, METH_VARARGS, "accept(fd, fut) -> key"},
     {"connect", (PyCFunction)Ring_connect, METH_VARARGS, "connect(fd, sockaddr, fut) -> key"},
     {"close", (PyCFunction)Ring_close, METH_O,
-     "close(timeout) -> bool: cancel everything and reap until the kernel returned it all"},
+     "close(timeout) -> int: cancel everything, reap, and return how many memory-backed\n"
+     "requests the kernel still holds (0: safe to tear down)"},
     {"stats", (PyCFunction)Ring_stats, METH_NOARGS, "counters of the data plane"},
     {NULL},
 };

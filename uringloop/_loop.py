@@ -48,6 +48,9 @@ _POLLOUT_LIKE = ~POLLIN & 0xFFFF
 # before it gives up and keeps their memory for the life of the process.
 CLOSE_DRAIN_SECONDS = 10.0
 
+# Rings whose requests still referenced memory at close: never freed.
+_KEPT_ALIVE: list[tuple[Ring, object]] = []
+
 
 def _poll_mask(events: int) -> int:
     mask = 0
@@ -163,9 +166,14 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
 
     def __init__(self, *, setup: str | None = None) -> None:
         setup = setup or os.environ.get("URINGLOOP_RING_SETUP", "auto")
-        self._ring_setup = _ring.create_ring(setup)
-        address = int(_ring.ffi.cast("uintptr_t", self._ring_setup.ring))
-        self._ring = Ring(address, self._ring_setup.ring)
+        try:
+            ring_setup = _ring.create_ring(setup)
+        except BaseException:
+            self._closed = True  # BaseEventLoop.__del__ looks at it
+            raise
+        self._ring_setup: _ring.RingSetup | None = ring_setup
+        address = int(_ring.ffi.cast("uintptr_t", ring_setup.ring))
+        self._ring = Ring(address, ring_setup.ring)
         self._ring.orphan_callback = self._keep_orphaned_data
         self._orphaned: dict[int, tuple[weakref.ref, bytearray]] = {}
         try:
@@ -187,18 +195,21 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
             self._close_ring()
 
     def _close_ring(self) -> None:
-        ring = self._ring
-        if ring.closed:
+        ring, setup = self._ring, self._ring_setup
+        if setup is None:
             return
-        forked = ring.forked
-        drained = ring.close(CLOSE_DRAIN_SECONDS)
-        if drained:
-            _ring.destroy_ring(self._ring_setup)
-        elif not forked:
+        self._ring_setup = None
+        pinned = ring.close(CLOSE_DRAIN_SECONDS)
+        # Closing the ring fd makes the kernel cancel whatever is left; records whose
+        # memory it may still touch are kept alive for good rather than freed in use.
+        _ring.destroy_ring(setup)
+        if pinned:
+            _KEPT_ALIVE.append((ring, setup))
             warnings.warn(
-                f"uringloop: {ring.inflight} io_uring requests were still in the kernel "
-                f"{CLOSE_DRAIN_SECONDS:.0f}s after close(); their buffers and the ring are kept "
-                "for the life of the process rather than freed while in use",
+                f"uringloop: {pinned} io_uring requests still held buffers when the loop "
+                "closed (the ring belongs to another thread, or the kernel did not answer "
+                f"within {CLOSE_DRAIN_SECONDS:.0f}s); those buffers are kept for the life of "
+                "the process rather than freed while in use",
                 ResourceWarning,
                 stacklevel=3,
             )
@@ -206,6 +217,8 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
     def ring_info(self) -> dict[str, Any]:
         """How this loop's ring was set up, and the data plane's counters."""
         s = self._ring_setup
+        if s is None:
+            raise RuntimeError("Event loop is closed")
         return {
             "setup": s.rung,
             "flags": s.flag_names,
