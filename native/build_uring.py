@@ -311,6 +311,7 @@ ffibuilder.set_source(
     libraries=["uring"],
     include_dirs=[HERE],
     extra_compile_args=dataplane_compile_args(),
+    extra_link_args=os.environ.get("URINGLOOP_LDFLAGS", "").split(),
 )
 
 if __name__ == "__main__":

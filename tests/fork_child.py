@@ -49,7 +49,9 @@ def main() -> None:
     loop.run_until_complete(loop.sock_sendall(a, b"parent"))
     parent_after = loop.run_until_complete(loop.sock_recv(b, 10)).decode()
     loop.close()
-    print(json.dumps({"child": json.loads(data or b"{}"), "status": status, "parent": parent_after}))
+    print(
+        json.dumps({"child": json.loads(data or b"{}"), "status": status, "parent": parent_after})
+    )
 
 
 if __name__ == "__main__":

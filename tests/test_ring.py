@@ -165,7 +165,8 @@ def test_strace_shows_io_uring_enter_and_no_readiness_syscalls(tmp_path):
 
             async def main():
                 loop = asyncio.get_running_loop()
-                srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(); srv.setblocking(False)
+                srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
+                srv.setblocking(False)
                 cli = socket.socket(); cli.setblocking(False)
                 accept = asyncio.ensure_future(loop.sock_accept(srv))
                 await loop.sock_connect(cli, srv.getsockname())
@@ -212,3 +213,15 @@ def test_native_module_was_built_against_this_interpreter():
 
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
     assert _dataplane.__file__.endswith(suffix)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("URINGLOOP_EXPECT_SANITIZERS"), reason="only in the sanitizer job"
+)
+def test_sanitizer_job_really_loaded_instrumented_native_code():
+    from uringloop import _dataplane
+
+    with open("/proc/self/maps") as f:
+        maps = f.read()
+    assert "libasan" in maps and "libubsan" in maps
+    assert "site-packages" in _dataplane.__file__

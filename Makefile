@@ -1,0 +1,82 @@
+# Everything here sets itself up on a fresh Debian/Ubuntu machine (root, or sudo-less
+# containers): system packages first, then one virtualenv per interpreter.
+#
+#   make example     run the example echo server on uringloop
+#   make test        the whole suite: Python 3.11 and 3.13, plus the native code
+#                    under AddressSanitizer + UBSan (what CI runs)
+#   make test-quick  the suite on one interpreter (PYTHON=...)
+#   make bench       loop micro-benchmarks and echo, asyncio vs uvloop vs uringloop
+
+# An interpreter of version $(1): pyenv's builds first, then PATH (shims that fail are skipped).
+find_python = $(shell for p in $$(ls -d /root/.pyenv/versions/$(1)*/bin/python3 2>/dev/null) \
+	$$(command -v python$(1)) $(2); do "$$p" -c 'import sys; assert sys.version_info[:2] == tuple(map(int, "$(1)".split(".")))' \
+	2>/dev/null && { echo "$$p"; break; }; done)
+PYTHON ?= $(call find_python,3.11,$$(command -v python3))
+PY313 ?= $(call find_python,3.13)
+PYTEST_ARGS ?=
+APT_PACKAGES = liburing-dev strace wrk
+
+.PHONY: system-deps example test test-quick test-311 test-313 test-asan bench bench-quick lint clean
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+# venv-<name>: PY=<interpreter>
+.venv-%/ready: pyproject.toml setup.py native/build_uring.py native/dataplane.c native/dataplane.h native/compat.h | system-deps
+	@test -n "$(PY)" || { echo "no interpreter for $*: set PY=/path/to/python"; exit 1; }
+	$(PY) -m venv .venv-$*
+	.venv-$*/bin/pip install -q --upgrade pip
+	.venv-$*/bin/pip install -q -e '.[test,bench]'
+	touch $@
+
+example: .venv-main/ready
+	.venv-main/bin/python examples/echo_server.py
+
+.venv-main/ready: PY = $(PYTHON)
+.venv-313/ready: PY = $(PY313)
+
+test-quick: .venv-main/ready
+	.venv-main/bin/python -m pytest $(PYTEST_ARGS)
+
+test-311: test-quick
+
+test-313: .venv-313/ready
+	.venv-313/bin/python -m pytest $(PYTEST_ARGS)
+
+# The native parts rebuilt with AddressSanitizer and UBSan, installed (not editable)
+# into their own venv, running the tests that drive them. PYTHONMALLOC=malloc lets
+# ASan see Python's own allocations too.
+ASAN_FLAGS = -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1
+test-asan: system-deps
+	rm -rf build .venv-asan
+	$(PYTHON) -m venv .venv-asan
+	.venv-asan/bin/pip install -q --upgrade pip
+	.venv-asan/bin/pip install -q 'pytest>=8' 'pytest-asyncio>=1.5' uvloop cffi setuptools wheel
+	URINGLOOP_CFLAGS="$(ASAN_FLAGS)" URINGLOOP_LDFLAGS="-fsanitize=address,undefined" \
+		.venv-asan/bin/pip install -q --no-build-isolation --no-cache-dir .
+	rm -rf build
+	cd tests && LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" PYTHONMALLOC=malloc \
+		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:verify_asan_link_order=0 \
+		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 URINGLOOP_EXPECT_SANITIZERS=1 \
+		../.venv-asan/bin/python -m pytest -p no:cacheprovider -k "uringloop or test_ring or sanitizer" \
+		test_ring.py test_sock_api.py test_loop_api.py test_entrypoints.py
+
+test: test-311 test-313 test-asan
+
+bench: .venv-main/ready
+	.venv-main/bin/python -m bench
+
+bench-quick: .venv-main/ready
+	.venv-main/bin/python -m bench --quick
+
+lint: .venv-main/ready
+	.venv-main/bin/pip install -q ruff
+	.venv-main/bin/ruff check uringloop tests bench examples native
+	.venv-main/bin/ruff format --check uringloop tests bench examples native
+
+clean:
+	rm -rf build .venv-* uringloop/*.so uringloop/_uring.c *.egg-info
