@@ -62,9 +62,20 @@ typedef struct {
     int enabled;
     int closed;
     int drained;
+    /* stream transports with queued writes, flushed by the next wait() */
+    PyObject **dirty;
+    uint32_t ndirty, capdirty;
+    int zc_supported;    /* SEND_ZC with usage reports (set by the loop after probing) */
+    Py_ssize_t pinned_bytes;
+    unsigned long long pinned_buffers;
     /* counters, exposed by stats() */
     unsigned long long n_enter, n_cqe, n_sqe, n_stray;
+    unsigned long long zc_sends, zc_bytes, zc_notifications, zc_copied, copy_fallback;
+    unsigned long long copy_sends, copy_bytes;
 } Ring;
+
+static void stream_complete(Ring *r, ul_op *op, int res, unsigned flags);
+static int flush_dirty(Ring *r);
 
 /* ---------------------------------------------------------------- records */
 
@@ -346,6 +357,10 @@ static void complete_op(Ring *r, ul_op *op, int res, unsigned flags)
         complete_poll(r, op, res);
         return;
     }
+    if (op->kind >= UL_STREAM_RECV) {
+        stream_complete(r, op, res, flags);
+        return;
+    }
     op->armed = 0;
     r->inflight--;
     /* A future cancelled before its cancel reached the kernel counts as gone too:
@@ -577,7 +592,7 @@ static PyObject *Ring_wait(Ring *r, PyObject *arg)
     }
     if (ring_enable(r) < 0)
         return NULL;
-    if (rearm_polls(r) < 0)
+    if (rearm_polls(r) < 0 || flush_dirty(r) < 0)
         return NULL;
 
     if (timeout == 0) {

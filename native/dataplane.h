@@ -25,6 +25,9 @@ enum ul_kind {
     UL_SENDALL,   /* sock_sendall: resubmits the rest after short sends */
     UL_ACCEPT,    /* sock_accept: result is (fd, address) */
     UL_CONNECT,   /* sock_connect */
+    UL_STREAM_RECV, /* a stream transport's read: data goes to the protocol */
+    UL_STREAM_SEND, /* a stream transport's copied send */
+    UL_STREAM_ZC,   /* a stream transport's SEND_ZC: done only at its notification CQE */
 };
 
 typedef struct ul_op {
@@ -35,6 +38,7 @@ typedef struct ul_op {
     uint8_t cancelled; /* the caller gave up: drop results, keep memory until the final CQE */
     uint8_t has_view;
     uint8_t queued;    /* a fired poll waiting in the re-arm list */
+    uint8_t notif;     /* SEND_ZC: the first CQE is in, the notification is awaited */
     int fd;
     unsigned arg; /* poll mask, recv length, or MSG_* flags */
     PyObject *fut;
