@@ -62,8 +62,8 @@ test-asan: system-deps
 	cd tests && LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" PYTHONMALLOC=malloc \
 		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:verify_asan_link_order=0 \
 		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 URINGLOOP_EXPECT_SANITIZERS=1 \
-		../.venv-asan/bin/python -m pytest -p no:cacheprovider -k "uringloop or test_ring or sanitizer" \
-		test_ring.py test_sock_api.py test_loop_api.py test_entrypoints.py
+		../.venv-asan/bin/python -m pytest -p no:cacheprovider -k "uringloop or not (asyncio or uvloop)" \
+		test_ring.py test_sock_api.py test_loop_api.py test_entrypoints.py test_transports.py
 
 test: test-311 test-313 test-asan
 

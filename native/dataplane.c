@@ -506,6 +506,746 @@ static int rearm_polls(Ring *r)
     return 0;
 }
 
+/* ------------------------------------------------------------ streams
+ *
+ * A Stream is the native half of a stream transport (TCP or Unix socket). It
+ * owns the per-event path: receive completions become one bytes object and one
+ * data_received() call (or buffer_updated() for a BufferedProtocol) with no
+ * Python in between; write() appends to this iteration's batch, and the next
+ * wait() flushes each stream's batch as one send. Only one send per socket is
+ * in the kernel at a time, so bytes can never be reordered (two sends waiting
+ * for socket space may complete out of order).
+ *
+ * Payloads: small writes are copied into a bytearray (asyncio promises that a
+ * mutable buffer may be reused once write() returns, and the copy coalesces the
+ * iteration's writes). An immutable bytes object at or above the zero-copy
+ * threshold is queued as is and goes out with SEND_ZC: the kernel reads the
+ * object's own memory, so the object stays referenced by its record until the
+ * notification CQE (IORING_CQE_F_NOTIF). The stream itself moves on after the
+ * first CQE; only the memory waits. A socket whose notifications keep saying
+ * the kernel copied anyway (loopback, veth, AF_UNIX) switches to plain sends.
+ *
+ * Everything that is rare goes back to the Python transport (`owner`): EOF,
+ * errors, flow-control crossings, and "the queue drained" when it asked.
+ */
+
+
+static PyObject *minus_one;
+
+/* The exception being raised, normalized, with the error indicator cleared. */
+static PyObject *PyErr_GetRaisedException_compat(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value && tb)
+        PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+#endif
+}
+
+static PyObject *_PyLong_GetMinusOne_compat(void) { return minus_one; }
+
+static PyTypeObject RingType;
+#define RingType_fwd RingType
+#define STREAM_DIRECT_MIN (16 * 1024)
+static int Stream_set_protocol_impl(void *s, PyObject *protocol, int buffered);
+
+#define STREAM_RECV_SIZE (256 * 1024)
+#define ZC_COPIED_STREAK_LIMIT 4
+
+typedef struct {
+    PyObject_HEAD
+    Ring *ring;
+    int fd;
+    PyObject *owner;          /* the Python transport */
+    PyObject *on_data;        /* protocol.data_received, or NULL for a BufferedProtocol */
+    PyObject *get_buffer;     /* BufferedProtocol.get_buffer */
+    PyObject *buffer_updated; /* BufferedProtocol.buffer_updated */
+    PyObject *held;           /* bytes a recv brought in after pause_reading(), for resume */
+    PyObject *wbuf;           /* bytearray: this iteration's small writes */
+    PyObject *queue;          /* list of payloads waiting for their send, in order */
+    Py_ssize_t queued;        /* bytes written and not yet accepted by the kernel */
+    Py_ssize_t pinned;        /* bytes the kernel may still read (SEND_ZC before notification) */
+    Py_ssize_t high, low, pinned_high;
+    Py_ssize_t zc_threshold;
+    uint64_t recv_key;
+    uint8_t reading, recv_armed, send_armed, dirty, closed, eof, write_paused;
+    uint8_t zc, zc_forced, copied_streak, notify_flushed;
+} Stream;
+
+static PyObject *str_data_received, *str_get_buffer, *str_buffer_updated;
+static PyObject *str_stream_eof, *str_stream_error, *str_stream_flushed, *str_protocol_error;
+static PyObject *str_pause_protocol, *str_resume_protocol;
+
+static void owner_call(Stream *s, PyObject *name, PyObject *arg)
+{
+    PyObject *res = arg ? PyObject_CallMethodOneArg(s->owner, name, arg)
+                        : PyObject_CallMethodNoArgs(s->owner, name);
+    if (!res)
+        PyErr_WriteUnraisable(s->owner);
+    Py_XDECREF(res);
+}
+
+static void owner_error(Stream *s, int err)
+{
+    PyObject *exc = oserror_from(err);
+    if (!exc) {
+        PyErr_WriteUnraisable(s->owner);
+        return;
+    }
+    owner_call(s, str_stream_error, exc);
+    Py_DECREF(exc);
+}
+
+/* The protocol raised: hand the exception to the transport (it closes, like asyncio). */
+static void protocol_raised(Stream *s)
+{
+    PyObject *exc = PyErr_GetRaisedException_compat();
+    owner_call(s, str_protocol_error, exc);
+    Py_XDECREF(exc);
+}
+
+static int stream_arm_recv(Stream *s)
+{
+    Ring *r = s->ring;
+    if (!s->reading || s->recv_armed || s->closed)
+        return 0;
+    ul_op *op = op_alloc(r, UL_STREAM_RECV);
+    if (!op)
+        return -1;
+    void *buf;
+    size_t len;
+    if (s->on_data) {
+        op->obj = PyBytes_FromStringAndSize(NULL, STREAM_RECV_SIZE);
+        if (!op->obj) {
+            op_free(r, op);
+            return -1;
+        }
+        buf = PyBytes_AS_STRING(op->obj);
+        len = STREAM_RECV_SIZE;
+    } else {
+        PyObject *target = PyObject_CallOneArg(s->get_buffer, _PyLong_GetMinusOne_compat());
+        if (!target || PyObject_GetBuffer(target, &op->view, PyBUF_WRITABLE) < 0) {
+            Py_XDECREF(target);
+            op_free(r, op);
+            return -1;
+        }
+        op->has_view = 1;
+        op->obj = target;
+        if (op->view.len == 0) {
+            op_free(r, op);
+            PyErr_SetString(PyExc_RuntimeError, "get_buffer() returned an empty buffer");
+            return -1;
+        }
+        buf = op->view.buf;
+        len = op->view.len;
+    }
+    struct io_uring_sqe *sqe = get_sqe(r);
+    if (!sqe) {
+        op_free(r, op);
+        return -1;
+    }
+    Py_INCREF(s);
+    op->sock = (PyObject *)s;
+    op->fd = s->fd;
+    io_uring_prep_recv(sqe, s->fd, buf, len, 0);
+    op_armed(r, op, sqe);
+    s->recv_armed = 1;
+    s->recv_key = op_key(op);
+    return 0;
+}
+
+/* Deliver n bytes that landed in op's buffer. */
+static void stream_deliver(Stream *s, ul_op *op, int n)
+{
+    PyObject *res;
+    if (s->on_data) {
+        if (_PyBytes_Resize(&op->obj, n) < 0) {
+            protocol_raised(s);
+            return;
+        }
+        res = PyObject_CallOneArg(s->on_data, op->obj);
+    } else {
+        PyObject *count = PyLong_FromLong(n);
+        if (!count) {
+            protocol_raised(s);
+            return;
+        }
+        /* the protocol's buffer is its own again once buffer_updated runs */
+        PyBuffer_Release(&op->view);
+        op->has_view = 0;
+        res = PyObject_CallOneArg(s->buffer_updated, count);
+        Py_DECREF(count);
+    }
+    if (!res)
+        protocol_raised(s);
+    Py_XDECREF(res);
+}
+
+static void stream_maybe_resume_writing(Stream *s)
+{
+    if (s->write_paused && s->queued <= s->low && s->pinned <= s->pinned_high) {
+        s->write_paused = 0;
+        owner_call(s, str_resume_protocol, NULL);
+    }
+}
+
+static void stream_maybe_pause_writing(Stream *s)
+{
+    if (!s->write_paused && (s->queued > s->high || s->pinned > s->pinned_high)) {
+        s->write_paused = 1;
+        owner_call(s, str_pause_protocol, NULL);
+    }
+}
+
+/* Put payload[offset:] into the kernel as one send. */
+static int stream_submit(Stream *s, PyObject *payload, Py_ssize_t offset)
+{
+    Ring *r = s->ring;
+    Py_ssize_t total = PyBytes_CheckExact(payload) ? PyBytes_GET_SIZE(payload) : PyByteArray_GET_SIZE(payload);
+    int zc = s->zc && r->zc_supported && PyBytes_CheckExact(payload) &&
+             total - offset >= s->zc_threshold;
+    ul_op *op = op_alloc(r, zc ? UL_STREAM_ZC : UL_STREAM_SEND);
+    if (!op)
+        return -1;
+    if (PyObject_GetBuffer(payload, &op->view, PyBUF_SIMPLE) < 0) {
+        op_free(r, op);
+        return -1;
+    }
+    op->has_view = 1;
+    struct io_uring_sqe *sqe = get_sqe(r);
+    if (!sqe) {
+        op_free(r, op);
+        return -1;
+    }
+    Py_INCREF(payload);
+    op->obj = payload;
+    Py_INCREF(s);
+    op->sock = (PyObject *)s;
+    op->fd = s->fd;
+    op->done = (size_t)offset;
+    op->arg = (unsigned)(total - offset);
+    char *base = (char *)op->view.buf + offset;
+    if (zc) {
+        io_uring_prep_send_zc(sqe, s->fd, base, total - offset, MSG_NOSIGNAL,
+                              IORING_SEND_ZC_REPORT_USAGE);
+        s->pinned += total - offset;
+        r->pinned_bytes += total - offset;
+        r->pinned_buffers++;
+        r->zc_sends++;
+    } else {
+        io_uring_prep_send(sqe, s->fd, base, total - offset, MSG_NOSIGNAL);
+        r->copy_sends++;
+    }
+    op_armed(r, op, sqe);
+    s->send_armed = 1;
+    return 0;
+}
+
+/* Send the next queued payload, or report that the queue drained. */
+static void stream_send_next(Stream *s)
+{
+    if (s->send_armed || s->closed)
+        return;
+    if (s->wbuf && PyByteArray_GET_SIZE(s->wbuf) > 0 && !s->dirty) {
+        /* a write() from a callback run during this reap: it waits for the flush */
+    }
+    if (PyList_GET_SIZE(s->queue) == 0) {
+        if (s->notify_flushed && !s->dirty && (!s->wbuf || PyByteArray_GET_SIZE(s->wbuf) == 0)) {
+            s->notify_flushed = 0;
+            owner_call(s, str_stream_flushed, NULL);
+        }
+        return;
+    }
+    PyObject *payload = PyList_GET_ITEM(s->queue, 0);
+    Py_INCREF(payload);
+    if (PySequence_DelItem(s->queue, 0) < 0 || stream_submit(s, payload, 0) < 0)
+        PyErr_WriteUnraisable(s->owner);
+    Py_DECREF(payload);
+}
+
+static void stream_complete(Ring *r, ul_op *op, int res, unsigned flags)
+{
+    Stream *s = (Stream *)op->sock;
+    Py_INCREF(s); /* the record's reference goes with op_free */
+    switch (op->kind) {
+    case UL_STREAM_RECV:
+        op->armed = 0;
+        r->inflight--;
+        if (op_key(op) == s->recv_key)
+            s->recv_armed = 0;
+        if (s->closed) {
+            break;
+        } else if (op->cancelled) {
+            /* pause_reading() raced with data: keep it for resume_reading() */
+            if (res > 0 && s->on_data && _PyBytes_Resize(&op->obj, res) == 0) {
+                Py_XSETREF(s->held, op->obj);
+                op->obj = NULL;
+            } else if (res > 0) {
+                stream_deliver(s, op, res);
+            } else if (res == 0) {
+                s->reading = 0;
+                owner_call(s, str_stream_eof, NULL);
+            }
+        } else if (res > 0) {
+            stream_deliver(s, op, res);
+            op_free(r, op);
+            if (stream_arm_recv(s) < 0)
+                protocol_raised(s);
+            Py_DECREF(s);
+            return;
+        } else if (res == 0) {
+            s->reading = 0;
+            owner_call(s, str_stream_eof, NULL);
+        } else if (res != -ECANCELED) {
+            s->reading = 0;
+            owner_error(s, -res);
+        }
+        break;
+    case UL_STREAM_SEND:
+        op->armed = 0;
+        r->inflight--;
+        s->send_armed = 0;
+        if (s->closed)
+            break;
+        if (res < 0) {
+            owner_error(s, -res);
+            break;
+        }
+        r->copy_bytes += res;
+        s->queued -= res;
+        op->done += res;
+        if ((Py_ssize_t)op->done < op->view.len) {
+            /* short send: the rest goes next, from the same record */
+            struct io_uring_sqe *sqe = get_sqe(r);
+            if (!sqe) {
+                PyErr_WriteUnraisable(s->owner);
+                break;
+            }
+            io_uring_prep_send(sqe, s->fd, (char *)op->view.buf + op->done,
+                               op->view.len - op->done, MSG_NOSIGNAL);
+            op_armed(r, op, sqe);
+            s->send_armed = 1;
+            Py_DECREF(s);
+            return;
+        }
+        op_free(r, op);
+        stream_maybe_resume_writing(s);
+        stream_send_next(s);
+        Py_DECREF(s);
+        return;
+    case UL_STREAM_ZC:
+        if (flags & IORING_CQE_F_NOTIF) {
+            /* the kernel let go of the memory: only now may the payload go */
+            r->zc_notifications++;
+            if ((unsigned)res & IORING_NOTIF_USAGE_ZC_COPIED) {
+                r->zc_copied++;
+                if (++s->copied_streak >= ZC_COPIED_STREAK_LIMIT && s->zc && !s->zc_forced) {
+                    s->zc = 0; /* this route copies anyway: stop paying for notifications */
+                    r->copy_fallback++;
+                }
+            } else {
+                s->copied_streak = 0;
+            }
+            s->pinned -= op->arg;
+            r->pinned_bytes -= op->arg;
+            r->pinned_buffers--;
+            op->armed = 0;
+            r->inflight--;
+            op_free(r, op);
+            if (!s->closed)
+                stream_maybe_resume_writing(s);
+            Py_DECREF(s);
+            return;
+        }
+        /* the first CQE: the stream may move on; the memory waits for the notification */
+        s->send_armed = 0;
+        if (!(flags & IORING_CQE_F_MORE)) {
+            /* no notification will come (an error at prep): release now */
+            s->pinned -= op->arg;
+            r->pinned_bytes -= op->arg;
+            r->pinned_buffers--;
+            op->armed = 0;
+            r->inflight--;
+            op->notif = 0;
+        } else {
+            op->notif = 1;
+        }
+        if (!s->closed) {
+            if (res < 0) {
+                if (res == -EOPNOTSUPP && op->done == 0) {
+                    /* AF_UNIX and friends refuse zero-copy: send this and later ones plainly */
+                    s->zc = 0;
+                    r->copy_fallback++;
+                    if (stream_submit(s, op->obj, 0) < 0)
+                        PyErr_WriteUnraisable(s->owner);
+                } else {
+                    owner_error(s, -res);
+                }
+            } else {
+                r->zc_bytes += res;
+                s->queued -= res;
+                if ((Py_ssize_t)(op->done + res) < op->view.len) {
+                    if (stream_submit(s, op->obj, op->done + res) < 0)
+                        PyErr_WriteUnraisable(s->owner);
+                } else {
+                    stream_maybe_resume_writing(s);
+                    stream_send_next(s);
+                }
+            }
+        }
+        if (!op->notif)
+            op_free(r, op);
+        Py_DECREF(s);
+        return;
+    default:
+        break;
+    }
+    op_free(r, op);
+    Py_DECREF(s);
+}
+
+static int flush_dirty(Ring *r)
+{
+    uint32_t n = r->ndirty;
+    r->ndirty = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        Stream *s = (Stream *)r->dirty[i];
+        s->dirty = 0;
+        if (!s->closed) {
+            if (s->wbuf && PyByteArray_GET_SIZE(s->wbuf) > 0) {
+                if (PyList_Append(s->queue, s->wbuf) < 0) {
+                    PyErr_WriteUnraisable(s->owner);
+                } else {
+                    Py_CLEAR(s->wbuf); /* the queued bytearray is now the kernel's to read */
+                }
+            }
+            stream_send_next(s);
+        }
+        Py_DECREF(s);
+    }
+    return 0;
+}
+
+static int stream_mark_dirty(Stream *s)
+{
+    Ring *r = s->ring;
+    if (s->dirty)
+        return 0;
+    if (r->ndirty == r->capdirty) {
+        uint32_t ncap = r->capdirty ? r->capdirty * 2 : 64;
+        PyObject **n = PyMem_Realloc(r->dirty, ncap * sizeof(*n));
+        if (!n) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        r->dirty = n;
+        r->capdirty = ncap;
+    }
+    Py_INCREF(s);
+    r->dirty[r->ndirty++] = (PyObject *)s;
+    s->dirty = 1;
+    return 0;
+}
+
+/* Stream(ring, fd, owner, protocol, zc_threshold) */
+static int Stream_init(Stream *s, PyObject *args, PyObject *kwds)
+{
+    PyObject *ring, *owner, *protocol;
+    int fd;
+    Py_ssize_t threshold;
+    int buffered, forced = 0;
+    if (!PyArg_ParseTuple(args, "O!iOOnp|p:Stream", &RingType_fwd, &ring, &fd, &owner, &protocol,
+                          &threshold, &buffered, &forced))
+        return -1;
+    Py_INCREF(ring);
+    Py_XSETREF(s->ring, (Ring *)ring);
+    s->fd = fd;
+    Py_INCREF(owner);
+    Py_XSETREF(s->owner, owner);
+    if (!s->queue && !(s->queue = PyList_New(0)))
+        return -1;
+    s->high = 64 * 1024;
+    s->low = 16 * 1024;
+    s->pinned_high = 4 * 1024 * 1024;
+    s->zc_threshold = threshold;
+    s->zc = threshold >= 0;
+    s->zc_forced = forced; /* "always": keep SEND_ZC even where the kernel reports copies */
+    return Stream_set_protocol_impl(s, protocol, buffered);
+}
+
+static int Stream_set_protocol_impl(void *self, PyObject *protocol, int buffered)
+{
+    Stream *s = self;
+    Py_CLEAR(s->on_data);
+    Py_CLEAR(s->get_buffer);
+    Py_CLEAR(s->buffer_updated);
+    if (buffered) {
+        s->get_buffer = PyObject_GetAttr(protocol, str_get_buffer);
+        s->buffer_updated = s->get_buffer ? PyObject_GetAttr(protocol, str_buffer_updated) : NULL;
+        return s->buffer_updated ? 0 : -1;
+    }
+    s->on_data = PyObject_GetAttr(protocol, str_data_received);
+    return s->on_data ? 0 : -1;
+}
+
+static PyObject *Stream_set_protocol(Stream *s, PyObject *args)
+{
+    PyObject *protocol;
+    int buffered;
+    if (!PyArg_ParseTuple(args, "Op:set_protocol", &protocol, &buffered))
+        return NULL;
+    if (Stream_set_protocol_impl(s, protocol, buffered) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Stream_write(Stream *s, PyObject *data)
+{
+    if (!PyBytes_Check(data) && !PyByteArray_Check(data) && !PyMemoryView_Check(data)) {
+        PyErr_Format(PyExc_TypeError, "data argument must be a bytes-like object, not '%.100s'",
+                     Py_TYPE(data)->tp_name);
+        return NULL;
+    }
+    if (s->eof) {
+        PyErr_SetString(PyExc_RuntimeError, "Cannot call write() after write_eof()");
+        return NULL;
+    }
+    if (s->closed)
+        Py_RETURN_NONE; /* the connection is gone; asyncio drops such writes too */
+    Py_ssize_t len;
+    if (PyBytes_CheckExact(data)) {
+        len = PyBytes_GET_SIZE(data);
+        if (len == 0)
+            Py_RETURN_NONE;
+        if (len >= STREAM_DIRECT_MIN || (s->zc && len >= s->zc_threshold)) {
+            /* immutable and large: sent from its own memory, after what is already batched */
+            if (s->wbuf && PyByteArray_GET_SIZE(s->wbuf) > 0) {
+                if (PyList_Append(s->queue, s->wbuf) < 0)
+                    return NULL;
+                Py_CLEAR(s->wbuf);
+            }
+            if (PyList_Append(s->queue, data) < 0)
+                return NULL;
+            goto queued;
+        }
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    len = view.len;
+    if (len == 0) {
+        PyBuffer_Release(&view);
+        Py_RETURN_NONE;
+    }
+    if (!s->wbuf && !(s->wbuf = PyByteArray_FromStringAndSize(NULL, 0))) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    Py_ssize_t old = PyByteArray_GET_SIZE(s->wbuf);
+    if (PyByteArray_Resize(s->wbuf, old + len) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    memcpy(PyByteArray_AS_STRING(s->wbuf) + old, view.buf, len);
+    PyBuffer_Release(&view);
+queued:
+    s->queued += len;
+    if (stream_mark_dirty(s) < 0)
+        return NULL;
+    stream_maybe_pause_writing(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Stream_start_reading(Stream *s, PyObject *unused)
+{
+    if (s->closed)
+        Py_RETURN_NONE;
+    s->reading = 1;
+    if (s->held) {
+        /* data a recv brought in while paused goes first */
+        PyObject *held = s->held;
+        s->held = NULL;
+        PyObject *res = s->on_data ? PyObject_CallOneArg(s->on_data, held) : NULL;
+        Py_DECREF(held);
+        if (!res)
+            return NULL;
+        Py_DECREF(res);
+        if (!s->reading || s->closed)
+            Py_RETURN_NONE;
+    }
+    if (stream_arm_recv(s) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static int stream_cancel_key(Stream *s, uint64_t key)
+{
+    ul_op *op = op_lookup(s->ring, key);
+    if (!op || op->cancelled || !op->armed || op->notif)
+        return 0;
+    op->cancelled = 1;
+    return submit_cancel(s->ring, op);
+}
+
+static PyObject *Stream_pause_reading(Stream *s, PyObject *unused)
+{
+    s->reading = 0;
+    if (s->recv_armed && !s->closed && stream_cancel_key(s, s->recv_key) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* notify_when_flushed(): owner._stream_flushed() runs once every queued byte is sent. */
+static PyObject *Stream_notify_when_flushed(Stream *s, PyObject *unused)
+{
+    if (s->queued == 0 && !s->send_armed) {
+        owner_call(s, str_stream_flushed, NULL);
+        Py_RETURN_NONE;
+    }
+    s->notify_flushed = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Stream_set_eof(Stream *s, PyObject *unused)
+{
+    s->eof = 1;
+    Py_RETURN_NONE;
+}
+
+/* close_now(): stop all I/O at once (abort, fatal error, after a graceful close).
+   Requests in the kernel are cancelled; their records keep the memory they use
+   until their final CQE (a SEND_ZC until its notification). */
+static PyObject *Stream_close_now(Stream *s, PyObject *unused)
+{
+    if (s->closed)
+        Py_RETURN_NONE;
+    s->closed = 1;
+    s->reading = 0;
+    Ring *r = s->ring;
+    if (!r->closed && r->fork_generation == ul_fork_generation) {
+        for (uint32_t i = 1; i < r->nops; i++) {
+            ul_op *op = r->ops[i];
+            if (op->kind >= UL_STREAM_RECV && op->sock == (PyObject *)s && op->armed &&
+                !op->cancelled && !op->notif) {
+                op->cancelled = 1;
+                if (submit_cancel(r, op) < 0)
+                    return NULL;
+            }
+        }
+    }
+    Py_CLEAR(s->wbuf);
+    Py_CLEAR(s->held);
+    if (PyList_SetSlice(s->queue, 0, PyList_GET_SIZE(s->queue), NULL) < 0)
+        return NULL;
+    s->queued = 0;
+    s->notify_flushed = 0;
+    /* break the transport <-> protocol <-> stream cycle */
+    Py_CLEAR(s->on_data);
+    Py_CLEAR(s->get_buffer);
+    Py_CLEAR(s->buffer_updated);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Stream_set_write_buffer_limits(Stream *s, PyObject *args)
+{
+    Py_ssize_t high, low;
+    if (!PyArg_ParseTuple(args, "nn:set_write_buffer_limits", &high, &low))
+        return NULL;
+    s->high = high;
+    s->low = low;
+    stream_maybe_pause_writing(s);
+    stream_maybe_resume_writing(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Stream_get_write_buffer_size(Stream *s, PyObject *unused)
+{
+    return PyLong_FromSsize_t(s->queued);
+}
+
+static PyObject *Stream_get_pinned(Stream *s, void *c) { return PyLong_FromSsize_t(s->pinned); }
+
+static PyObject *Stream_get_zerocopy(Stream *s, void *c) { return PyBool_FromLong(s->zc && s->ring->zc_supported); }
+
+static PyObject *Stream_get_reading(Stream *s, void *c) { return PyBool_FromLong(s->reading); }
+
+static int Stream_traverse(Stream *s, visitproc visit, void *arg)
+{
+    Py_VISIT(s->ring);
+    Py_VISIT(s->owner);
+    Py_VISIT(s->on_data);
+    Py_VISIT(s->get_buffer);
+    Py_VISIT(s->buffer_updated);
+    Py_VISIT(s->held);
+    Py_VISIT(s->wbuf);
+    Py_VISIT(s->queue);
+    return 0;
+}
+
+static int Stream_clear(Stream *s)
+{
+    Py_CLEAR(s->owner);
+    Py_CLEAR(s->on_data);
+    Py_CLEAR(s->get_buffer);
+    Py_CLEAR(s->buffer_updated);
+    Py_CLEAR(s->held);
+    Py_CLEAR(s->wbuf);
+    Py_CLEAR(s->queue);
+    return 0;
+}
+
+static void Stream_dealloc(Stream *s)
+{
+    /* Records in the kernel hold a reference to their stream, so a stream is only
+       freed once none of its requests is outstanding. */
+    PyObject_GC_UnTrack(s);
+    Stream_clear(s);
+    Py_CLEAR(s->ring);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static PyMethodDef Stream_methods[] = {
+    {"write", (PyCFunction)Stream_write, METH_O, "write(data): queue data for this iteration's send"},
+    {"start_reading", (PyCFunction)Stream_start_reading, METH_NOARGS, NULL},
+    {"pause_reading", (PyCFunction)Stream_pause_reading, METH_NOARGS, NULL},
+    {"notify_when_flushed", (PyCFunction)Stream_notify_when_flushed, METH_NOARGS, NULL},
+    {"set_eof", (PyCFunction)Stream_set_eof, METH_NOARGS, "refuse further writes"},
+    {"close_now", (PyCFunction)Stream_close_now, METH_NOARGS, NULL},
+    {"set_protocol", (PyCFunction)Stream_set_protocol, METH_VARARGS, NULL},
+    {"set_write_buffer_limits", (PyCFunction)Stream_set_write_buffer_limits, METH_VARARGS, NULL},
+    {"get_write_buffer_size", (PyCFunction)Stream_get_write_buffer_size, METH_NOARGS, NULL},
+    {NULL},
+};
+
+static PyGetSetDef Stream_getset[] = {
+    {"pinned", (getter)Stream_get_pinned, NULL, "bytes the kernel may still read (SEND_ZC)"},
+    {"zerocopy", (getter)Stream_get_zerocopy, NULL, "whether large writes go out with SEND_ZC"},
+    {"reading", (getter)Stream_get_reading, NULL, NULL},
+    {NULL},
+};
+
+static PyTypeObject StreamType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "uringloop._dataplane.Stream",
+    .tp_basicsize = sizeof(Stream),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Stream(ring, fd, owner, protocol, zc_threshold, buffered): native half of a "
+              "stream transport (zc_threshold < 0 disables zero-copy)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Stream_init,
+    .tp_dealloc = (destructor)Stream_dealloc,
+    .tp_traverse = (traverseproc)Stream_traverse,
+    .tp_clear = (inquiry)Stream_clear,
+    .tp_methods = Stream_methods,
+    .tp_getset = Stream_getset,
+};
+
 /* ------------------------------------------------------------ Python API */
 
 static int Ring_init(Ring *r, PyObject *args, PyObject *kwds)
@@ -563,6 +1303,9 @@ static void Ring_dealloc(Ring *r)
         }
         PyMem_Free(r->ops);
         PyMem_Free(r->rearm);
+        for (i = 0; i < r->ndirty; i++)
+            Py_DECREF(r->dirty[i]);
+        PyMem_Free(r->dirty);
         Py_CLEAR(r->owner);
     }
     /* else: the kernel may still write into buffers the records hold; leak
@@ -975,6 +1718,11 @@ static PyObject *Ring_close(Ring *r, PyObject *arg)
             break;
     }
     r->closed = 1;
+    for (i = 0; i < r->ndirty; i++) {
+        ((Stream *)r->dirty[i])->dirty = 0;
+        Py_DECREF(r->dirty[i]);
+    }
+    r->ndirty = 0;
     uint32_t pinned = memory_backed_inflight(r);
     r->drained = pinned == 0;
     return PyLong_FromUnsignedLong(pinned);
@@ -988,6 +1736,26 @@ static PyObject *Ring_stats(Ring *r, PyObject *unused)
     return Py_BuildValue("{sKsKsKsKsIsI}", "enters", r->n_enter, "cqes", r->n_cqe, "sqes",
                          r->n_sqe, "stray_cqes", r->n_stray, "inflight", r->inflight, "records",
                          live);
+}
+
+static PyObject *Ring_zerocopy_stats(Ring *r, PyObject *unused)
+{
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsn}", "zc_sends", r->zc_sends, "zc_bytes", r->zc_bytes,
+                         "zc_notifications", r->zc_notifications, "zc_copied_notifications",
+                         r->zc_copied, "copy_fallback_sockets", r->copy_fallback, "copy_sends",
+                         r->copy_sends, "copy_bytes", r->copy_bytes, "pinned_buffers",
+                         r->pinned_buffers, "pinned_bytes", r->pinned_bytes);
+}
+
+static PyObject *Ring_get_zc_supported(Ring *r, void *closure) { return PyBool_FromLong(r->zc_supported); }
+
+static int Ring_set_zc_supported(Ring *r, PyObject *v, void *closure)
+{
+    int t = PyObject_IsTrue(v);
+    if (t < 0)
+        return -1;
+    r->zc_supported = t;
+    return 0;
 }
 
 static PyObject *Ring_get_forked(Ring *r, void *closure)
@@ -1036,12 +1804,16 @@ static PyMethodDef Ring_methods[] = {
      "close(timeout) -> int: cancel everything, reap, and return how many memory-backed\n"
      "requests the kernel still holds (0: safe to tear down)"},
     {"stats", (PyCFunction)Ring_stats, METH_NOARGS, "counters of the data plane"},
+    {"zerocopy_stats", (PyCFunction)Ring_zerocopy_stats, METH_NOARGS,
+     "counters of the stream write path (zero-copy and copied sends, pinned memory)"},
     {NULL},
 };
 
 static PyGetSetDef Ring_getset[] = {
     {"forked", (getter)Ring_get_forked, NULL, "True in a child forked after the ring was made"},
     {"closed", (getter)Ring_get_closed, NULL, NULL},
+    {"zc_supported", (getter)Ring_get_zc_supported, (setter)Ring_set_zc_supported,
+     "whether stream transports may use SEND_ZC (set after probing)"},
     {"inflight", (getter)Ring_get_inflight, NULL, "requests the kernel still owns"},
     {"orphan_callback", (getter)Ring_get_orphan_cb, (setter)Ring_set_orphan_cb,
      "orphan_callback(sock, data) receives data read by a recv that was cancelled meanwhile"},
@@ -1073,7 +1845,22 @@ PyMODINIT_FUNC PyInit__dataplane(void)
     str_set_result = PyUnicode_InternFromString("set_result");
     str_set_exception = PyUnicode_InternFromString("set_exception");
     str_done = PyUnicode_InternFromString("done");
-    if (!str_set_result || !str_set_exception || !str_done)
+    str_data_received = PyUnicode_InternFromString("data_received");
+    str_get_buffer = PyUnicode_InternFromString("get_buffer");
+    str_buffer_updated = PyUnicode_InternFromString("buffer_updated");
+    str_stream_eof = PyUnicode_InternFromString("_stream_eof");
+    str_stream_error = PyUnicode_InternFromString("_stream_error");
+    str_stream_flushed = PyUnicode_InternFromString("_stream_flushed");
+    str_protocol_error = PyUnicode_InternFromString("_protocol_error");
+    str_pause_protocol = PyUnicode_InternFromString("_pause_protocol");
+    str_resume_protocol = PyUnicode_InternFromString("_resume_protocol");
+    minus_one = PyLong_FromLong(-1);
+    if (!str_set_result || !str_set_exception || !str_done || !str_data_received ||
+        !str_get_buffer || !str_buffer_updated || !str_stream_eof || !str_stream_error ||
+        !str_stream_flushed || !str_protocol_error || !str_pause_protocol ||
+        !str_resume_protocol || !minus_one)
+        return NULL;
+    if (PyType_Ready(&StreamType) < 0)
         return NULL;
     static int atfork_done = 0;
     if (!atfork_done) {
@@ -1086,6 +1873,12 @@ PyMODINIT_FUNC PyInit__dataplane(void)
     Py_INCREF(&RingType);
     if (PyModule_AddObject(m, "Ring", (PyObject *)&RingType) < 0) {
         Py_DECREF(&RingType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&StreamType);
+    if (PyModule_AddObject(m, "Stream", (PyObject *)&StreamType) < 0) {
+        Py_DECREF(&StreamType);
         Py_DECREF(m);
         return NULL;
     }

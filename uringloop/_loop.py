@@ -36,6 +36,7 @@ from typing import Any
 
 from . import _ring
 from ._dataplane import Ring
+from ._transports import DEFAULT_ZC_THRESHOLD, RingStreamTransport, sock_is_stream
 
 logger = logging.getLogger("uringloop")
 
@@ -164,8 +165,25 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
     Raises `uringloop.UringUnavailableError` when io_uring cannot be used.
     """
 
-    def __init__(self, *, setup: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        setup: str | None = None,
+        zerocopy: str | None = None,
+        zc_threshold: int | None = None,
+    ) -> None:
         setup = setup or os.environ.get("URINGLOOP_RING_SETUP", "auto")
+        zerocopy = zerocopy or os.environ.get("URINGLOOP_ZEROCOPY", "auto")
+        if zerocopy not in ("auto", "always", "never"):
+            self._closed = True
+            raise ValueError(f"zerocopy must be 'auto', 'always' or 'never', not {zerocopy!r}")
+        if zc_threshold is None:
+            zc_threshold = int(os.environ.get("URINGLOOP_ZC_THRESHOLD", DEFAULT_ZC_THRESHOLD))
+        if zc_threshold < 0:
+            self._closed = True
+            raise ValueError("zc_threshold must be >= 0")
+        self._zerocopy = zerocopy
+        self._zc_threshold = zc_threshold
         try:
             ring_setup = _ring.create_ring(setup)
         except BaseException:
@@ -175,6 +193,9 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         address = int(_ring.ffi.cast("uintptr_t", ring_setup.ring))
         self._ring = Ring(address, ring_setup.ring)
         self._ring.orphan_callback = self._keep_orphaned_data
+        if zerocopy != "never":
+            features = _ring.probe()
+            self._ring.zc_supported = features.send_zc and features.send_zc_report_usage
         self._orphaned: dict[int, tuple[weakref.ref, bytearray]] = {}
         try:
             super().__init__(selector=RingSelector(self._ring))
@@ -213,6 +234,23 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
                 ResourceWarning,
                 stacklevel=3,
             )
+
+    def _make_socket_transport(
+        self,
+        sock: socket.socket,
+        protocol: Any,
+        waiter: Any = None,
+        *,
+        extra: Any = None,
+        server: Any = None,
+    ) -> Any:
+        if sock_is_stream(sock):
+            return RingStreamTransport(self, sock, protocol, waiter, extra, server)
+        return super()._make_socket_transport(sock, protocol, waiter, extra=extra, server=server)
+
+    def zerocopy_stats(self) -> dict[str, int]:
+        """Counters of the stream write path: SEND_ZC use, copies, memory pinned right now."""
+        return self._ring.zerocopy_stats()
 
     def ring_info(self) -> dict[str, Any]:
         """How this loop's ring was set up, and the data plane's counters."""

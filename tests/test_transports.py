@@ -1,0 +1,390 @@
+"""Stream transports: the same behaviour on asyncio, uvloop and uringloop.
+
+uringloop-only checks (zero-copy counters, pinned memory) are at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import socket
+
+import pytest
+
+import uringloop
+
+
+class Collector(asyncio.Protocol):
+    """Collects what arrives and how the connection ends."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.made = asyncio.get_running_loop().create_future()
+        self.lost = asyncio.get_running_loop().create_future()
+        self.eof = False
+        self.keep_open_on_eof = False
+        self.paused = 0
+        self.resumed = 0
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.made.set_result(None)
+
+    def data_received(self, data):
+        self.data.extend(data)
+
+    def eof_received(self):
+        self.eof = True
+        return self.keep_open_on_eof
+
+    def pause_writing(self):
+        self.paused += 1
+
+    def resume_writing(self):
+        self.resumed += 1
+
+    def connection_lost(self, exc):
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+async def wait_for_len(proto: Collector, n: int, timeout: float = 30) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while len(proto.data) < n:
+        if loop.time() > deadline:
+            raise AssertionError(f"got {len(proto.data)} of {n} bytes")
+        await asyncio.sleep(0.001)
+
+
+async def connected_pair(family=socket.AF_INET, path=None, server_proto=Collector):
+    loop = asyncio.get_running_loop()
+    server_side: list[asyncio.Protocol] = []
+
+    def factory():
+        p = server_proto()
+        server_side.append(p)
+        return p
+
+    if family == socket.AF_UNIX:
+        server = await loop.create_unix_server(factory, path)
+        _, client = await loop.create_unix_connection(Collector, path)
+    else:
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _, client = await loop.create_connection(Collector, "127.0.0.1", port)
+    while not server_side:
+        await asyncio.sleep(0.001)
+    await server_side[0].made
+    return server, server_side[0], client
+
+
+async def close_all(server, *protos):
+    for p in protos:
+        if p.transport is not None:
+            p.transport.close()
+    for p in protos:
+        await asyncio.wait_for(p.lost, 10)
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.mark.asyncio
+async def test_protocol_roundtrip_extra_info_and_clean_close(fd_leak_check):
+    srv, server_p, client_p = await connected_pair()
+    t = client_p.transport
+    assert t.get_extra_info("peername") == srv.sockets[0].getsockname()
+    assert t.get_extra_info("sockname") == server_p.transport.get_extra_info("peername")
+    assert t.get_extra_info("socket").fileno() >= 0
+    assert t.get_extra_info("nonexistent", "dflt") == "dflt"
+    assert t.can_write_eof() and not t.is_closing()
+    t.write(b"hello ")
+    t.writelines([b"wor", bytearray(b"ld"), memoryview(b"!!")])
+    await wait_for_len(server_p, 13)
+    assert bytes(server_p.data) == b"hello world!!"
+    t.close()
+    assert t.is_closing()
+    assert await asyncio.wait_for(client_p.lost, 10) is None
+    await asyncio.wait_for(server_p.lost, 10)  # EOF closes the server side
+    assert server_p.eof
+    srv.close()
+    await srv.wait_closed()
+
+
+async def _integrity(family, path, conns, seed):
+    rnd = random.Random(seed)
+    pairs = [await connected_pair(family, path) for _ in range(conns)]
+    expected = []
+    for _, server_p, client_p in pairs:
+        h = hashlib.sha256()
+        total = 0
+        for _ in range(40):
+            size = rnd.choice([1, 7, 100, 1500, 4096, 65536, 65537, 300_000, 1 << 20, 4 << 20])
+            chunk = rnd.randbytes(size)
+            kind = rnd.randrange(4)
+            if kind == 0:
+                client_p.transport.write(chunk)
+            elif kind == 1:
+                client_p.transport.write(bytearray(chunk))
+            elif kind == 2:
+                client_p.transport.write(memoryview(chunk))
+            else:
+                half = size // 2
+                client_p.transport.writelines([chunk[:half], bytearray(chunk[half:])])
+            h.update(chunk)
+            total += size
+            if rnd.random() < 0.3:
+                await asyncio.sleep(0)
+        expected.append((server_p, total, h.digest()))
+    for server_p, total, digest in expected:
+        await wait_for_len(server_p, total, 60)
+        assert len(server_p.data) == total
+        assert hashlib.sha256(server_p.data).digest() == digest
+    for srv, server_p, client_p in pairs:
+        await close_all(srv, client_p, server_p)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_UNIX])
+async def test_random_writes_arrive_complete_and_in_order(family, tmp_path, fd_leak_check):
+    await _integrity(family, str(tmp_path / "s.sock"), 4, seed=family)
+
+
+@pytest.mark.asyncio
+async def test_bytearray_mutated_after_write_arrives_with_old_content(fd_leak_check):
+    if type(asyncio.get_running_loop()).__module__.startswith("uvloop"):
+        pytest.skip("uvloop sends a queued bytearray/memoryview as it is at send time")
+    srv, server_p, client_p = await connected_pair()
+    for size in (10, 100_000, 2 << 20):
+        buf = bytearray(b"a" * size)
+        client_p.transport.write(buf)
+        buf[:] = b"b" * size
+        view_src = bytearray(b"c" * size)
+        client_p.transport.write(memoryview(view_src))
+        view_src[:] = b"d" * size
+    await wait_for_len(server_p, 2 * (10 + 100_000 + (2 << 20)))
+    assert set(server_p.data) == {ord("a"), ord("c")}
+    await close_all(srv, client_p, server_p)
+
+
+@pytest.mark.asyncio
+async def test_bad_writes_raise_like_asyncio(fd_leak_check):
+    srv, server_p, client_p = await connected_pair()
+    t = client_p.transport
+    with pytest.raises(TypeError):
+        t.write("text")
+    with pytest.raises(TypeError):
+        t.write(12)
+    t.write(b"")
+    t.write_eof()
+    with pytest.raises(RuntimeError):
+        t.write(b"after eof")
+    await close_all(srv, client_p, server_p)
+
+
+@pytest.mark.asyncio
+async def test_write_eof_half_closes(fd_leak_check):
+    srv, server_p, client_p = await connected_pair()
+    server_p.keep_open_on_eof = True
+    client_p.transport.write(b"request")
+    client_p.transport.write_eof()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while not server_p.eof:
+        assert loop.time() < deadline
+        await asyncio.sleep(0.001)
+    assert bytes(server_p.data) == b"request"
+    # the other direction still works
+    server_p.transport.write(b"response")
+    await wait_for_len(client_p, 8)
+    assert bytes(client_p.data) == b"response"
+    await close_all(srv, client_p, server_p)
+
+
+@pytest.mark.asyncio
+async def test_peer_that_stops_reading_pauses_writing(fd_leak_check):
+    srv, server_p, client_p = await connected_pair()
+    server_p.transport.pause_reading()
+    assert not server_p.transport.is_reading()
+    client_p.transport.set_write_buffer_limits(high=64 * 1024, low=16 * 1024)
+    assert client_p.transport.get_write_buffer_limits() == (16 * 1024, 64 * 1024)
+    chunk = b"z" * 65536
+    sent = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while not client_p.paused:
+        assert loop.time() < deadline, "pause_writing never came"
+        client_p.transport.write(chunk)
+        sent += len(chunk)
+        await asyncio.sleep(0)
+    assert client_p.transport.get_write_buffer_size() > 0
+    received_while_paused = len(server_p.data)
+    await asyncio.sleep(0.05)
+    assert len(server_p.data) == received_while_paused  # nothing is read while paused
+    server_p.transport.resume_reading()
+    await wait_for_len(server_p, sent)
+    deadline = loop.time() + 10
+    while not client_p.resumed:
+        assert loop.time() < deadline, "resume_writing never came"
+        await asyncio.sleep(0.001)
+    assert client_p.transport.get_write_buffer_size() == 0
+    await close_all(srv, client_p, server_p)
+
+
+@pytest.mark.asyncio
+async def test_abort_with_large_writes_in_flight(fd_leak_check):
+    srv, server_p, client_p = await connected_pair()
+    server_p.transport.pause_reading()
+    for _ in range(8):
+        client_p.transport.write(b"q" * (1 << 20))
+    await asyncio.sleep(0.01)
+    client_p.transport.abort()
+    assert client_p.transport.is_closing()
+    assert await asyncio.wait_for(client_p.lost, 10) is None
+    server_p.transport.resume_reading()
+    exc = await asyncio.wait_for(server_p.lost, 10)
+    assert exc is None or isinstance(exc, ConnectionResetError)
+    srv.close()
+    await srv.wait_closed()
+
+
+@pytest.mark.asyncio
+async def test_peer_reset_reports_connection_reset(fd_leak_check):
+    srv, server_p, client_p = await connected_pair()
+    sock = server_p.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    server_p.transport.abort()
+    exc = await asyncio.wait_for(client_p.lost, 10)
+    assert isinstance(exc, ConnectionResetError)
+    await asyncio.wait_for(server_p.lost, 10)
+    srv.close()
+    await srv.wait_closed()
+
+
+class BufferedCollector(asyncio.BufferedProtocol):
+    def __init__(self) -> None:
+        self.buf = bytearray(1000)
+        self.data = bytearray()
+        self.transport = None
+        self.made = asyncio.get_running_loop().create_future()
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.made.set_result(None)
+
+    def get_buffer(self, sizehint):
+        return self.buf
+
+    def buffer_updated(self, nbytes):
+        self.data.extend(self.buf[:nbytes])
+
+    def connection_lost(self, exc):
+        self.lost.set_result(exc)
+
+
+@pytest.mark.asyncio
+async def test_buffered_protocol_receives_into_its_buffer(fd_leak_check):
+    srv, server_p, client_p = await connected_pair(server_proto=BufferedCollector)
+    payload = random.Random(3).randbytes(300_000)
+    client_p.transport.write(payload)
+    await wait_for_len(server_p, len(payload))
+    assert bytes(server_p.data) == payload
+    await close_all(srv, client_p, server_p)
+
+
+@pytest.mark.asyncio
+async def test_streams_api_with_drain(fd_leak_check):
+    async def handle(reader, writer):
+        data = await reader.read()
+        writer.write(hashlib.sha256(data).hexdigest().encode())
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname())
+    payload = random.Random(5).randbytes(3 << 20)
+    for i in range(0, len(payload), 100_000):
+        writer.write(payload[i : i + 100_000])
+        await writer.drain()
+    writer.write_eof()
+    assert (await reader.read()).decode() == hashlib.sha256(payload).hexdigest()
+    writer.close()
+    await writer.wait_closed()
+    server.close()
+    await server.wait_closed()
+
+
+# ---------------------------------------------------------------- uringloop only
+
+
+def _run_on(loop, coro):
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+async def _bulk(payloads):
+    srv, server_p, client_p = await connected_pair()
+    total = 0
+    for p in payloads:
+        client_p.transport.write(p)
+        total += len(p)
+    await wait_for_len(server_p, total)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while loop.zerocopy_stats()["pinned_buffers"]:
+        assert loop.time() < deadline, loop.zerocopy_stats()
+        await asyncio.sleep(0.001)
+    await close_all(srv, client_p, server_p)
+    return loop.zerocopy_stats()
+
+
+def test_large_writes_use_send_zc_and_each_gets_one_notification():
+    if not uringloop.probe().send_zc_report_usage:
+        pytest.skip("this kernel has no SEND_ZC with usage reports")
+    loop = uringloop.UringEventLoop(zerocopy="always", zc_threshold=64 * 1024)
+    stats = _run_on(loop, _bulk([bytes(1 << 20)] * 16 + [b"small"] * 10))
+    assert stats["zc_sends"] >= 16
+    assert stats["zc_notifications"] == stats["zc_sends"]
+    # loopback delivers locally: the kernel reports it copied after all
+    assert stats["zc_copied_notifications"] == stats["zc_notifications"]
+    assert stats["copy_fallback_sockets"] == 0  # "always" keeps using SEND_ZC
+    assert stats["pinned_buffers"] == 0 and stats["pinned_bytes"] == 0
+    assert stats["copy_sends"] >= 1
+
+
+def test_auto_mode_switches_a_copying_route_to_plain_sends():
+    if not uringloop.probe().send_zc_report_usage:
+        pytest.skip("this kernel has no SEND_ZC with usage reports")
+    loop = uringloop.UringEventLoop(zerocopy="auto", zc_threshold=64 * 1024)
+
+    async def main():
+        stats = await _bulk([bytes(1 << 20)] * 4)
+        assert stats["zc_notifications"] == stats["zc_sends"] >= 4
+        # with the first few notifications in, the socket stops using zero-copy
+        await asyncio.sleep(0)
+        stats = await _bulk([bytes(1 << 20)] * 32)
+        return stats
+
+    stats = _run_on(loop, main())
+    assert stats["copy_fallback_sockets"] >= 1
+    assert stats["zc_sends"] < 4 + 32
+    assert stats["pinned_bytes"] == 0
+
+
+def test_never_mode_sends_everything_copied():
+    loop = uringloop.UringEventLoop(zerocopy="never")
+    stats = _run_on(loop, _bulk([bytes(1 << 20)] * 4))
+    assert stats["zc_sends"] == 0 and stats["copy_bytes"] >= 4 << 20
+
+
+def test_bad_zerocopy_options_are_value_errors():
+    with pytest.raises(ValueError):
+        uringloop.UringEventLoop(zerocopy="sometimes")
+    with pytest.raises(ValueError):
+        uringloop.UringEventLoop(zc_threshold=-5)

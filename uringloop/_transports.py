@@ -1,0 +1,305 @@
+"""Stream transports (TCP and Unix sockets) on the ring.
+
+The per-event work happens in `uringloop._dataplane.Stream`: receives go straight
+from completions to ``protocol.data_received``, and ``transport.write`` *is* the C
+method (bound onto the instance), so neither crosses Python. This class holds what
+asyncio's transports hold (extra info, closing state, flow-control callbacks) and
+the decisions that are rare: EOF, errors, close, abort, write_eof.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import inspect
+import socket
+import warnings
+from asyncio import base_events, constants, futures, transports, trsock
+from typing import Any
+
+from ._dataplane import Stream
+
+# Zero-copy only pays for large writes; below this, copying is cheaper (see bench/).
+DEFAULT_ZC_THRESHOLD = 64 * 1024
+
+
+def zc_threshold_for(loop: Any, sock: socket.socket) -> int:
+    """The per-socket threshold for SEND_ZC, or -1 for never."""
+    if loop._zerocopy == "never" or sock.family == socket.AF_UNIX:
+        return -1  # AF_UNIX refuses SEND_ZC (EOPNOTSUPP)
+    return loop._zc_threshold
+
+
+class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
+    """A stream transport whose reads and writes are io_uring requests."""
+
+    _start_tls_compatible = True
+    _sendfile_compatible = constants._SendfileMode.FALLBACK
+
+    def __init__(
+        self,
+        loop: Any,
+        sock: socket.socket,
+        protocol: asyncio.BaseProtocol,
+        waiter: asyncio.Future | None = None,
+        extra: dict | None = None,
+        server: Any = None,
+    ) -> None:
+        super().__init__(extra, loop)
+        self._extra["socket"] = trsock.TransportSocket(sock)
+        try:
+            self._extra["sockname"] = sock.getsockname()
+        except OSError:
+            self._extra["sockname"] = None
+        if "peername" not in self._extra:
+            try:
+                self._extra["peername"] = sock.getpeername()
+            except OSError:
+                self._extra["peername"] = None
+        self._sock: socket.socket | None = sock
+        self._sock_fd = sock.fileno()
+        self._protocol = protocol
+        self._server = server
+        self._closing = False
+        self._eof = False
+        self._conn_lost = 0
+        self._paused = False
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            base_events._set_nodelay(sock)
+        self._stream = Stream(
+            loop._ring,
+            self._sock_fd,
+            self,
+            protocol,
+            zc_threshold_for(loop, sock),
+            isinstance(protocol, asyncio.BufferedProtocol),
+            loop._zerocopy == "always",
+        )
+        # The hot path: transport.write() is the C method itself.
+        self.write = self._stream.write  # type: ignore[method-assign]
+        self._stream.set_write_buffer_limits(self._high_water, self._low_water)
+        if server is not None:
+            _server_attach(server, self)
+        loop._transports[self._sock_fd] = self
+        loop.call_soon(self._protocol.connection_made, self)
+        loop.call_soon(self._start_reading)
+        if waiter is not None:
+            loop.call_soon(futures._set_result_unless_cancelled, waiter, None)
+
+    def __repr__(self) -> str:
+        state = "closing" if self._closing else "open"
+        return f"<RingStreamTransport fd={self._sock_fd} {state}>"
+
+    def _start_reading(self) -> None:
+        if not self._closing and not self._paused:
+            self._stream.start_reading()
+
+    # ------------------------------------------------------------ reading
+
+    def is_reading(self) -> bool:
+        return not self._paused and not self._closing
+
+    def pause_reading(self) -> None:
+        if self._closing or self._paused:
+            return
+        self._paused = True
+        self._stream.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._closing or not self._paused:
+            return
+        self._paused = False
+        self._stream.start_reading()
+
+    # ------------------------------------------------------------ writing
+
+    def write(self, data: Any) -> None:  # replaced per instance by Stream.write
+        self._stream.write(data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        write = self._stream.write
+        for data in list_of_data:
+            write(data)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self._closing or self._eof:
+            return
+        self._eof = True
+        self._stream.set_eof()
+        self._stream.notify_when_flushed()
+
+    def get_write_buffer_size(self) -> int:
+        return self._stream.get_write_buffer_size()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._set_write_buffer_limits(high=high, low=low)
+        self._stream.set_write_buffer_limits(self._high_water, self._low_water)
+
+    # ------------------------------------------------------------ protocol
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+        self._stream.set_protocol(protocol, isinstance(protocol, asyncio.BufferedProtocol))
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._stream.pause_reading()
+        self._stream.notify_when_flushed()
+
+    def abort(self) -> None:
+        self._force_close(None)
+
+    def __del__(self, _warn: Any = None) -> None:
+        if self._sock is not None and not self._closing:
+            warnings.warn(
+                f"unclosed transport {self!r}", ResourceWarning, source=self, stacklevel=2
+            )
+            self._sock.close()
+
+    # ------------------------------------------------ called by the Stream
+
+    def _stream_flushed(self) -> None:
+        if self._closing:
+            if not self._conn_lost:
+                self._conn_lost += 1
+                self._stream.close_now()
+                self._loop.call_soon(self._call_connection_lost, None)
+        elif self._eof and self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                self._fatal_error(exc, "Fatal error on shutdown(SHUT_WR)")
+
+    def _stream_eof(self) -> None:
+        if self._loop.get_debug():
+            base_events.logger.debug("%r received EOF", self)
+        try:
+            keep_open = self._protocol.eof_received()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
+            return
+        if not keep_open:
+            self.close()
+
+    def _stream_error(self, exc: OSError) -> None:
+        self._fatal_error(exc, "Fatal error on socket transport")
+
+    def _protocol_error(self, exc: BaseException) -> None:
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            # like asyncio: these escape the loop, after the transport is torn down
+            self._force_close(exc)
+            raise exc
+        self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+
+    def _pause_protocol(self) -> None:
+        self._protocol_paused = True
+        try:
+            self._protocol.pause_writing()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._loop.call_exception_handler(
+                {
+                    "message": "protocol.pause_writing() failed",
+                    "exception": exc,
+                    "transport": self,
+                    "protocol": self._protocol,
+                }
+            )
+
+    def _resume_protocol(self) -> None:
+        if not self._protocol_paused:
+            return
+        self._protocol_paused = False
+        try:
+            self._protocol.resume_writing()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._loop.call_exception_handler(
+                {
+                    "message": "protocol.resume_writing() failed",
+                    "exception": exc,
+                    "transport": self,
+                    "protocol": self._protocol,
+                }
+            )
+
+    # ------------------------------------------------------------ teardown
+
+    def _fatal_error(self, exc: BaseException, message: str) -> None:
+        if isinstance(exc, OSError) and (
+            isinstance(exc, ConnectionError) or exc.errno in (errno.EPIPE, errno.ECONNRESET)
+        ):
+            if self._loop.get_debug():
+                base_events.logger.debug("%r: %s", self, message, exc_info=True)
+        else:
+            self._loop.call_exception_handler(
+                {
+                    "message": message,
+                    "exception": exc,
+                    "transport": self,
+                    "protocol": self._protocol,
+                }
+            )
+        self._force_close(exc)
+
+    def _force_close(self, exc: BaseException | None) -> None:
+        if self._conn_lost:
+            return
+        self._closing = True
+        self._conn_lost += 1
+        self._stream.close_now()
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
+        try:
+            self._protocol.connection_lost(exc)
+        finally:
+            sock, self._sock = self._sock, None
+            if sock is not None:
+                self._loop._transports.pop(self._sock_fd, None)
+                sock.close()
+            self._protocol = None  # type: ignore[assignment]
+            server, self._server = self._server, None
+            if server is not None:
+                _server_detach(server, self)
+
+
+# Server._attach/_detach take the transport from 3.13 on (for close_clients()).
+_SERVER_TRACKS_TRANSPORTS = len(inspect.signature(base_events.Server._attach).parameters) > 1
+
+
+def _server_attach(server: Any, transport: Any) -> None:
+    if _SERVER_TRACKS_TRANSPORTS:
+        server._attach(transport)
+    else:
+        server._attach()
+
+
+def _server_detach(server: Any, transport: Any) -> None:
+    if _SERVER_TRACKS_TRANSPORTS:
+        server._detach(transport)
+    else:
+        server._detach()
+
+
+def sock_is_stream(sock: socket.socket) -> bool:
+    return sock.type == socket.SOCK_STREAM and sock.family in (
+        socket.AF_INET,
+        socket.AF_INET6,
+        socket.AF_UNIX,
+    )
