@@ -361,6 +361,23 @@ static void complete_op(Ring *r, ul_op *op, int res, unsigned flags)
         stream_complete(r, op, res, flags);
         return;
     }
+    if (op->kind == UL_SENDZC && !(flags & IORING_CQE_F_NOTIF)) {
+        /* first CQE: remember the result; the memory is the kernel's until the notification */
+        op->done = res < 0 ? 0 : (size_t)res;
+        op->arg = res < 0 ? (unsigned)-res : 0;
+        if (res > 0) {
+            r->zc_sends++;
+            r->zc_bytes += res;
+        }
+        if (flags & IORING_CQE_F_MORE) {
+            op->notif = 1;
+            return;
+        }
+    } else if (op->kind == UL_SENDZC) {
+        r->zc_notifications++;
+        if ((unsigned)res & IORING_NOTIF_USAGE_ZC_COPIED)
+            r->zc_copied++;
+    }
     op->armed = 0;
     r->inflight--;
     /* A future cancelled before its cancel reached the kernel counts as gone too:
@@ -429,6 +446,20 @@ static void complete_op(Ring *r, ul_op *op, int res, unsigned flags)
                     close(res);
                     PyErr_WriteUnraisable(op->fut);
                 }
+            }
+        }
+        break;
+    case UL_SENDZC:
+        if (!gone) {
+            if (op->arg) {
+                fut_fail(op->fut, (int)op->arg);
+            } else {
+                PyObject *n = PyLong_FromSize_t(op->done);
+                if (n)
+                    fut_resolve(op->fut, n, 0);
+                else
+                    PyErr_WriteUnraisable(op->fut);
+                Py_XDECREF(n);
             }
         }
         break;
@@ -581,7 +612,7 @@ typedef struct {
 
 static PyObject *str_data_received, *str_get_buffer, *str_buffer_updated;
 static PyObject *str_stream_eof, *str_stream_error, *str_stream_flushed, *str_protocol_error;
-static PyObject *str_pause_protocol, *str_resume_protocol;
+static PyObject *str_pause_protocol, *str_resume_protocol, *str_stream_unpinned;
 
 static void owner_call(Stream *s, PyObject *name, PyObject *arg)
 {
@@ -861,6 +892,8 @@ static void stream_complete(Ring *r, ul_op *op, int res, unsigned flags)
             op_free(r, op);
             if (!s->closed)
                 stream_maybe_resume_writing(s);
+            else if (s->pinned == 0 && s->owner)
+                owner_call(s, str_stream_unpinned, NULL); /* the socket may close now */
             Py_DECREF(s);
             return;
         }
@@ -1580,6 +1613,23 @@ static PyObject *Ring_sendall(Ring *r, PyObject *args)
     return PyLong_FromUnsignedLongLong(op_key(op));
 }
 
+/* send_zc(fd, data, fut) -> key: one SEND_ZC; fut gets the byte count at the notification. */
+static PyObject *Ring_send_zc(Ring *r, PyObject *args)
+{
+    int fd;
+    PyObject *obj, *fut;
+    struct io_uring_sqe *sqe;
+    if (!PyArg_ParseTuple(args, "iOO:send_zc", &fd, &obj, &fut))
+        return NULL;
+    ul_op *op = buffer_op(r, UL_SENDZC, fd, obj, fut, 0, &sqe);
+    if (!op)
+        return NULL;
+    io_uring_prep_send_zc(sqe, fd, op->view.buf, op->view.len, MSG_NOSIGNAL,
+                          IORING_SEND_ZC_REPORT_USAGE);
+    op_armed(r, op, sqe);
+    return PyLong_FromUnsignedLongLong(op_key(op));
+}
+
 static PyObject *Ring_accept(Ring *r, PyObject *args)
 {
     int fd;
@@ -1799,6 +1849,8 @@ static PyMethodDef Ring_methods[] = {
      "recv_into(fd, buf, n, fut[, sock]) -> key"},
     {"sendall", (PyCFunction)Ring_sendall, METH_VARARGS, "sendall(fd, data, fut) -> key"},
     {"accept", (PyCFunction)Ring_accept, METH_VARARGS, "accept(fd, fut) -> key"},
+    {"send_zc", (PyCFunction)Ring_send_zc, METH_VARARGS,
+     "send_zc(fd, data, fut) -> key; fut gets the byte count once the kernel released data"},
     {"connect", (PyCFunction)Ring_connect, METH_VARARGS, "connect(fd, sockaddr, fut) -> key"},
     {"close", (PyCFunction)Ring_close, METH_O,
      "close(timeout) -> int: cancel everything, reap, and return how many memory-backed\n"
@@ -1854,11 +1906,12 @@ PyMODINIT_FUNC PyInit__dataplane(void)
     str_protocol_error = PyUnicode_InternFromString("_protocol_error");
     str_pause_protocol = PyUnicode_InternFromString("_pause_protocol");
     str_resume_protocol = PyUnicode_InternFromString("_resume_protocol");
+    str_stream_unpinned = PyUnicode_InternFromString("_stream_unpinned");
     minus_one = PyLong_FromLong(-1);
     if (!str_set_result || !str_set_exception || !str_done || !str_data_received ||
         !str_get_buffer || !str_buffer_updated || !str_stream_eof || !str_stream_error ||
         !str_stream_flushed || !str_protocol_error || !str_pause_protocol ||
-        !str_resume_protocol || !minus_one)
+        !str_resume_protocol || !str_stream_unpinned || !minus_one)
         return NULL;
     if (PyType_Ready(&StreamType) < 0)
         return NULL;

@@ -25,6 +25,7 @@ enum ul_kind {
     UL_SENDALL,   /* sock_sendall: resubmits the rest after short sends */
     UL_ACCEPT,    /* sock_accept: result is (fd, address) */
     UL_CONNECT,   /* sock_connect */
+    UL_SENDZC,    /* sock_sendzc: resolves with the byte count at the notification CQE */
     UL_STREAM_RECV, /* a stream transport's read: data goes to the protocol */
     UL_STREAM_SEND, /* a stream transport's copied send */
     UL_STREAM_ZC,   /* a stream transport's SEND_ZC: done only at its notification CQE */

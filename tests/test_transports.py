@@ -388,3 +388,121 @@ def test_bad_zerocopy_options_are_value_errors():
         uringloop.UringEventLoop(zerocopy="sometimes")
     with pytest.raises(ValueError):
         uringloop.UringEventLoop(zc_threshold=-5)
+
+
+@pytest.mark.asyncio(loop_factories=["uringloop"])
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_UNIX])
+async def test_sock_sendzc_returns_after_release_with_the_byte_count(family, fd_leak_check):
+    loop = asyncio.get_running_loop()
+    if family == socket.AF_UNIX:
+        a, b = socket.socketpair()
+    else:
+        srv = socket.create_server(("127.0.0.1", 0))
+        a = socket.create_connection(srv.getsockname())
+        b, _ = srv.accept()
+        srv.close()
+    a.setblocking(False)
+    b.setblocking(False)
+    payload = random.Random(9).randbytes(3 << 20)
+    before = loop.zerocopy_stats()
+    with a, b:
+        received = bytearray()
+
+        async def reader():
+            while len(received) < len(payload):
+                received.extend(await loop.sock_recv(b, 1 << 20))
+
+        sent, _ = await asyncio.gather(loop.sock_sendzc(a, payload), reader())
+        assert sent == len(payload)
+        assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+    after = loop.zerocopy_stats()
+    assert after["pinned_bytes"] == 0
+    if family == socket.AF_INET and loop._ring.zc_supported:
+        new_sends = after["zc_sends"] - before["zc_sends"]
+        assert new_sends >= 1
+        assert after["zc_notifications"] - before["zc_notifications"] == new_sends
+
+
+async def _stalled_zc_pair():
+    """A client whose SEND_ZC data sits unacknowledged: the peer's window is full."""
+    srv, server_p, client_p = await connected_pair()
+    server_p.transport.pause_reading()
+    server_sock = server_p.transport.get_extra_info("socket")
+    server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client_sock = client_p.transport.get_extra_info("socket")
+    client_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+    loop = asyncio.get_running_loop()
+    for _ in range(6):
+        client_p.transport.write(bytes(1 << 20))
+    deadline = loop.time() + 10
+    while loop.zerocopy_stats()["zc_sends"] == 0 or client_p.transport.get_write_buffer_size():
+        if loop.time() > deadline:
+            break
+        await asyncio.sleep(0.01)
+    return srv, server_p, client_p
+
+
+def test_graceful_close_with_lingering_notifications_times_out_into_a_reset():
+    if not uringloop.probe().send_zc_report_usage:
+        pytest.skip("this kernel has no SEND_ZC with usage reports")
+    loop = uringloop.UringEventLoop(zerocopy="always", zc_threshold=64 * 1024)
+    loop._zc_linger_seconds = 0.3
+
+    async def main():
+        srv, server_p, client_p = await _stalled_zc_pair()
+        if client_p.transport.get_write_buffer_size():
+            pytest.skip("the kernel did not take the writes into the send queue")
+        assert loop.zerocopy_stats()["pinned_bytes"] > 0
+        client_p.transport.close()
+        assert await asyncio.wait_for(client_p.lost, 5) is None
+        # the connection is reset after the linger timeout, and the kernel lets go
+        deadline = loop.time() + 10
+        while loop.zerocopy_stats()["pinned_bytes"]:
+            assert loop.time() < deadline, loop.zerocopy_stats()
+            await asyncio.sleep(0.01)
+        stats = loop.zerocopy_stats()
+        assert stats["zc_notifications"] == stats["zc_sends"]
+        server_p.transport.abort()
+        srv.close()
+        await srv.wait_closed()
+
+    _run_on(loop, main())
+
+
+def test_loop_close_releases_pinned_memory_of_open_transports():
+    if not uringloop.probe().send_zc_report_usage:
+        pytest.skip("this kernel has no SEND_ZC with usage reports")
+    loop = uringloop.UringEventLoop(zerocopy="always", zc_threshold=64 * 1024)
+    # the peer: a plain socket that never reads, with a tiny window
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    async def main():
+        _, client_p = await loop.create_connection(Collector, *listener.getsockname())
+        client_sock = client_p.transport.get_extra_info("socket")
+        client_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+        for _ in range(6):
+            client_p.transport.write(bytes(1 << 20))
+        deadline = loop.time() + 10
+        while not loop.zerocopy_stats()["pinned_bytes"]:
+            assert loop.time() < deadline, "SEND_ZC never went out"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        return client_p
+
+    client_p = loop.run_until_complete(main())
+    peer, _ = listener.accept()
+    ring = loop._ring
+    assert ring.zerocopy_stats()["pinned_bytes"] > 0  # the peer never ACKs it all
+    import warnings as w
+
+    with w.catch_warnings():
+        w.simplefilter("error")  # no "kept for the life of the process" warning
+        loop.close()
+    assert ring.zerocopy_stats()["pinned_bytes"] == 0
+    assert ring.inflight == 0
+    assert client_p.transport.get_extra_info("socket").fileno() == -1
+    peer.close()
+    listener.close()

@@ -36,7 +36,12 @@ from typing import Any
 
 from . import _ring
 from ._dataplane import Ring
-from ._transports import DEFAULT_ZC_THRESHOLD, RingStreamTransport, sock_is_stream
+from ._transports import (
+    DEFAULT_ZC_THRESHOLD,
+    ZC_LINGER_SECONDS,
+    RingStreamTransport,
+    sock_is_stream,
+)
 
 logger = logging.getLogger("uringloop")
 
@@ -184,6 +189,8 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
             raise ValueError("zc_threshold must be >= 0")
         self._zerocopy = zerocopy
         self._zc_threshold = zc_threshold
+        self._zc_linger_seconds = ZC_LINGER_SECONDS
+        self._lingering: set[RingStreamTransport] = set()
         try:
             ring_setup = _ring.create_ring(setup)
         except BaseException:
@@ -210,6 +217,11 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
             raise RuntimeError("Cannot close a running event loop")
         if self.is_closed():
             return
+        # Connections whose SEND_ZC memory waits for a peer's ACK would hold the
+        # ring's drain for ever: reset them so the kernel releases it now.
+        for transport in [*self._lingering, *list(self._transports.values())]:
+            if isinstance(transport, RingStreamTransport):
+                transport._reset_for_loop_close()
         try:
             super().close()
         finally:
@@ -351,6 +363,32 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         except asyncio.CancelledError:
             self._ring.cancel(key)
             raise
+
+    async def sock_sendzc(self, sock: socket.socket, data: Any) -> int:
+        """Send all of data with SEND_ZC; return the byte count once the kernel released it.
+
+        Each request's memory is lent to the kernel until its notification CQE, so
+        data must not be modified before this returns. Without SEND_ZC (kernel or
+        ``zerocopy="never"``) the data is sent with a plain send.
+        """
+        self._check_sock(sock)
+        view = memoryview(data).cast("B")
+        if not self._ring.zc_supported or sock.family == socket.AF_UNIX:
+            await self.sock_sendall(sock, view)
+            return len(view)
+        fd = sock.fileno()
+        self._ensure_fd_no_transport(fd)
+        sent = 0
+        while sent < len(view):
+            fut = self.create_future()
+            key = self._ring.send_zc(fd, view[sent:], fut)
+            try:
+                n = await fut
+            except asyncio.CancelledError:
+                self._ring.cancel(key)
+                raise
+            sent += n
+        return sent
 
     async def sock_connect(self, sock: socket.socket, address: Any) -> None:
         """Connect sock: IORING_OP_CONNECT after asyncio's address resolution."""

@@ -13,6 +13,7 @@ import asyncio
 import errno
 import inspect
 import socket
+import struct
 import warnings
 from asyncio import base_events, constants, futures, transports, trsock
 from typing import Any
@@ -21,6 +22,12 @@ from ._dataplane import Stream
 
 # Zero-copy only pays for large writes; below this, copying is cheaper (see bench/).
 DEFAULT_ZC_THRESHOLD = 64 * 1024
+
+# A SEND_ZC notification for TCP comes when the peer has ACKed the data. After a
+# graceful close, a peer that stops reading can hold it back for ever; past this many
+# seconds the socket is reset (SO_LINGER 0) so the kernel lets go of the memory.
+ZC_LINGER_SECONDS = 30.0
+_LINGER_ABORT = struct.pack("ii", 1, 0)
 
 
 def zc_threshold_for(loop: Any, sock: socket.socket) -> int:
@@ -64,6 +71,9 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
         self._eof = False
         self._conn_lost = 0
         self._paused = False
+        self._abortive = False
+        self._lingering: socket.socket | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             base_events._set_nodelay(sock)
         self._stream = Stream(
@@ -158,6 +168,7 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
         self._stream.notify_when_flushed()
 
     def abort(self) -> None:
+        self._abortive = True
         self._force_close(None)
 
     def __del__(self, _warn: Any = None) -> None:
@@ -240,6 +251,49 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
 
     # ------------------------------------------------------------ teardown
 
+    def _close_socket(self, sock: socket.socket) -> None:
+        """Close now, unless SEND_ZC memory still waits for its notifications.
+
+        Those wait for the peer's ACK: keep the connection until they are in (the
+        Stream calls _stream_unpinned), or reset it after ZC_LINGER_SECONDS. abort()
+        resets at once, which makes the kernel release the memory promptly.
+        """
+        if not self._stream.pinned:
+            sock.close()
+        elif self._abortive:
+            _reset_and_close(sock)
+        else:
+            self._lingering = sock
+            self._loop._lingering.add(self)
+            self._linger_timer = self._loop.call_later(
+                self._loop._zc_linger_seconds, self._linger_expired
+            )
+
+    def _stream_unpinned(self) -> None:
+        sock, self._lingering = self._lingering, None
+        if sock is not None:
+            self._loop._lingering.discard(self)
+            if self._linger_timer is not None:
+                self._linger_timer.cancel()
+            sock.close()
+
+    def _linger_expired(self) -> None:
+        sock, self._lingering = self._lingering, None
+        if sock is not None:
+            self._loop._lingering.discard(self)
+            _reset_and_close(sock)
+
+    def _reset_for_loop_close(self) -> None:
+        """loop.close(): no iteration will wait for the notifications any more."""
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        self._linger_expired()
+        if self._sock is not None and self._stream.pinned:
+            self._abortive = True
+            self._force_close(None)
+            sock, self._sock = self._sock, None
+            _reset_and_close(sock)
+
     def _fatal_error(self, exc: BaseException, message: str) -> None:
         if isinstance(exc, OSError) and (
             isinstance(exc, ConnectionError) or exc.errno in (errno.EPIPE, errno.ECONNRESET)
@@ -272,7 +326,7 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
             sock, self._sock = self._sock, None
             if sock is not None:
                 self._loop._transports.pop(self._sock_fd, None)
-                sock.close()
+                self._close_socket(sock)
             self._protocol = None  # type: ignore[assignment]
             server, self._server = self._server, None
             if server is not None:
@@ -281,6 +335,14 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
 
 # Server._attach/_detach take the transport from 3.13 on (for close_clients()).
 _SERVER_TRACKS_TRANSPORTS = len(inspect.signature(base_events.Server._attach).parameters) > 1
+
+
+def _reset_and_close(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+    except OSError:
+        pass
+    sock.close()
 
 
 def _server_attach(server: Any, transport: Any) -> None:
