@@ -361,6 +361,35 @@ static void complete_op(Ring *r, ul_op *op, int res, unsigned flags)
         stream_complete(r, op, res, flags);
         return;
     }
+    if (op->kind == UL_ACCEPT_MULTI) {
+        int more = (flags & IORING_CQE_F_MORE) != 0;
+        if (op->cancelled) {
+            if (res >= 0)
+                close(res);
+        } else if (res >= 0 || !more) {
+            PyObject *out = PyObject_CallFunction(op->fut, "i", res);
+            if (!out)
+                PyErr_WriteUnraisable(op->fut);
+            Py_XDECREF(out);
+        }
+        if (more)
+            return;
+        op->armed = 0;
+        r->inflight--;
+        if (!op->cancelled && res >= 0) {
+            /* the kernel ended the multishot (CQ overflow, ...): keep accepting */
+            struct io_uring_sqe *sqe = get_sqe(r);
+            if (sqe) {
+                io_uring_prep_multishot_accept(sqe, op->fd, NULL, NULL, SOCK_CLOEXEC);
+                op_armed(r, op, sqe);
+                return;
+            }
+            PyErr_WriteUnraisable(op->fut);
+        }
+        /* an error ended it: the callback got -errno and re-arms when it wants to */
+        op_free(r, op);
+        return;
+    }
     if (op->kind == UL_SENDZC && !(flags & IORING_CQE_F_NOTIF)) {
         /* first CQE: remember the result; the memory is the kernel's until the notification */
         op->done = res < 0 ? 0 : (size_t)res;
@@ -1613,6 +1642,33 @@ static PyObject *Ring_sendall(Ring *r, PyObject *args)
     return PyLong_FromUnsignedLongLong(op_key(op));
 }
 
+/* accept_multishot(fd, callback) -> key: callback(fd) per connection, callback(-errno)
+   when an error ends the request. Cancel with cancel(key). */
+static PyObject *Ring_accept_multishot(Ring *r, PyObject *args)
+{
+    int fd;
+    PyObject *cb;
+    if (!PyArg_ParseTuple(args, "iO:accept_multishot", &fd, &cb))
+        return NULL;
+    if (!ring_usable(r))
+        return NULL;
+    struct io_uring_sqe *sqe = get_sqe(r);
+    if (!sqe)
+        return NULL;
+    ul_op *op = op_alloc(r, UL_ACCEPT_MULTI);
+    if (!op) {
+        io_uring_prep_nop(sqe);
+        io_uring_sqe_set_data64(sqe, UL_IGNORE);
+        return NULL;
+    }
+    op->fd = fd;
+    Py_INCREF(cb);
+    op->fut = cb;
+    io_uring_prep_multishot_accept(sqe, fd, NULL, NULL, SOCK_CLOEXEC);
+    op_armed(r, op, sqe);
+    return PyLong_FromUnsignedLongLong(op_key(op));
+}
+
 /* send_zc(fd, data, fut) -> key: one SEND_ZC; fut gets the byte count at the notification. */
 static PyObject *Ring_send_zc(Ring *r, PyObject *args)
 {
@@ -1849,6 +1905,8 @@ static PyMethodDef Ring_methods[] = {
      "recv_into(fd, buf, n, fut[, sock]) -> key"},
     {"sendall", (PyCFunction)Ring_sendall, METH_VARARGS, "sendall(fd, data, fut) -> key"},
     {"accept", (PyCFunction)Ring_accept, METH_VARARGS, "accept(fd, fut) -> key"},
+    {"accept_multishot", (PyCFunction)Ring_accept_multishot, METH_VARARGS,
+     "accept_multishot(fd, callback) -> key; callback(fd) per connection, (-errno) on error"},
     {"send_zc", (PyCFunction)Ring_send_zc, METH_VARARGS,
      "send_zc(fd, data, fut) -> key; fut gets the byte count once the kernel released data"},
     {"connect", (PyCFunction)Ring_connect, METH_VARARGS, "connect(fd, sockaddr, fut) -> key"},

@@ -26,6 +26,7 @@ enum ul_kind {
     UL_ACCEPT,    /* sock_accept: result is (fd, address) */
     UL_CONNECT,   /* sock_connect */
     UL_SENDZC,    /* sock_sendzc: resolves with the byte count at the notification CQE */
+    UL_ACCEPT_MULTI, /* a server's multishot accept: each CQE calls fut(fd_or_-errno) */
     UL_STREAM_RECV, /* a stream transport's read: data goes to the protocol */
     UL_STREAM_SEND, /* a stream transport's copied send */
     UL_STREAM_ZC,   /* a stream transport's SEND_ZC: done only at its notification CQE */

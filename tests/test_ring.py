@@ -184,6 +184,37 @@ def test_strace_shows_io_uring_enter_and_no_readiness_syscalls(tmp_path):
                 for s in (conn, cli, srv):
                     s.close()
 
+                # the same through create_server/create_connection transports
+                done = loop.create_future()
+
+                class Echo(asyncio.Protocol):
+                    def connection_made(self, t):
+                        self.t = t
+
+                    def data_received(self, data):
+                        self.t.write(data)
+
+                class Client(asyncio.Protocol):
+                    n = 0
+
+                    def connection_made(self, t):
+                        self.t = t
+                        t.write(b"y" * 1024)
+
+                    def data_received(self, data):
+                        self.n += len(data)
+                        if self.n >= 200 * 1024:
+                            done.set_result(None)
+                        elif self.n % 1024 == 0:
+                            self.t.write(b"y" * 1024)
+
+                server = await loop.create_server(Echo, "127.0.0.1", 0)
+                t, _ = await loop.create_connection(Client, *server.sockets[0].getsockname())
+                await done
+                t.close()
+                server.close()
+                await server.wait_closed()
+
             uringloop.run(main())
             """
         )
@@ -201,7 +232,7 @@ def test_strace_shows_io_uring_enter_and_no_readiness_syscalls(tmp_path):
         parts = line.split()
         if len(parts) >= 5 and parts[-1].isidentifier() and parts[3].isdigit():
             counts[parts[-1]] = int(parts[3])
-    assert counts.get("io_uring_enter", 0) >= 200, counts
+    assert counts.get("io_uring_enter", 0) >= 400, counts
     for readiness in ("epoll_wait", "epoll_pwait", "select", "pselect6", "poll", "ppoll"):
         assert readiness not in counts, f"{readiness} was called: {counts}"
     for direct_io in ("recvfrom", "sendto", "accept4", "connect"):

@@ -506,3 +506,30 @@ def test_loop_close_releases_pinned_memory_of_open_transports():
     assert client_p.transport.get_extra_info("socket").fileno() == -1
     peer.close()
     listener.close()
+
+
+@pytest.mark.asyncio
+async def test_server_accepts_many_connections_and_stops_on_close(fd_leak_check):
+    async def handle(reader, writer):
+        writer.write(await reader.readexactly(4))
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=200)
+    addr = server.sockets[0].getsockname()
+
+    async def client(i):
+        reader, writer = await asyncio.open_connection(*addr)
+        writer.write(b"%04d" % i)
+        got = await reader.readexactly(4)
+        writer.close()
+        await writer.wait_closed()
+        return got
+
+    results = await asyncio.gather(*(client(i) for i in range(100)))
+    assert results == [b"%04d" % i for i in range(100)]
+    server.close()
+    await server.wait_closed()
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection(*addr)

@@ -200,9 +200,11 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         address = int(_ring.ffi.cast("uintptr_t", ring_setup.ring))
         self._ring = Ring(address, ring_setup.ring)
         self._ring.orphan_callback = self._keep_orphaned_data
+        features = _ring.probe()
         if zerocopy != "never":
-            features = _ring.probe()
             self._ring.zc_supported = features.send_zc and features.send_zc_report_usage
+        self._multishot_accept = features.multishot_accept
+        self._acceptors: dict[int, int | None] = {}
         self._orphaned: dict[int, tuple[weakref.ref, bytearray]] = {}
         try:
             super().__init__(selector=RingSelector(self._ring))
@@ -259,6 +261,71 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         if sock_is_stream(sock):
             return RingStreamTransport(self, sock, protocol, waiter, extra, server)
         return super()._make_socket_transport(sock, protocol, waiter, extra=extra, server=server)
+
+    # ------------------------------------------------------------ servers
+
+    def _start_serving(  # type: ignore[override]
+        self,
+        protocol_factory: Any,
+        sock: socket.socket,
+        sslcontext: Any = None,
+        server: Any = None,
+        backlog: int = 100,
+        *ssl_timeouts: Any,
+    ) -> None:
+        """Accept with one multishot ACCEPT request per listening socket."""
+        if not (self._multishot_accept and sock_is_stream(sock)):
+            return super()._start_serving(
+                protocol_factory, sock, sslcontext, server, backlog, *ssl_timeouts
+            )
+        fd = sock.fileno()
+
+        def accepted(res: int) -> None:
+            if res < 0:
+                self._accept_failed(sock, -res, arm)
+                return
+            conn = socket.socket(sock.family, sock.type, sock.proto, fileno=res)
+            conn.setblocking(False)
+            self.create_task(
+                self._accept_connection2(
+                    protocol_factory, conn, {}, sslcontext, server, *ssl_timeouts
+                )
+            )
+
+        def arm() -> None:
+            if sock.fileno() == fd and fd in self._acceptors:
+                self._acceptors[fd] = self._ring.accept_multishot(fd, accepted)
+
+        self._acceptors[fd] = None
+        arm()
+
+    def _accept_failed(self, sock: socket.socket, err: int, rearm: Any) -> None:
+        if err in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            # like asyncio: out of resources, try again in a moment
+            self.call_exception_handler(
+                {
+                    "message": "socket.accept() out of system resource",
+                    "exception": OSError(err, os.strerror(err)),
+                    "socket": sock,
+                }
+            )
+            self.call_later(asyncio.constants.ACCEPT_RETRY_DELAY, rearm)
+        elif err not in (errno.ECANCELED, errno.EBADF, errno.EINVAL):
+            self.call_soon(rearm)
+
+    def _stop_serving(self, sock: socket.socket) -> None:
+        key = self._acceptors.pop(sock.fileno(), None)
+        if key is not None:
+            self._ring.cancel(key)
+            # The pending ACCEPT holds the listening socket open until the kernel
+            # processes the cancel; shutdown() stops it listening right now.
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+            return
+        super()._stop_serving(sock)
 
     def zerocopy_stats(self) -> dict[str, int]:
         """Counters of the stream write path: SEND_ZC use, copies, memory pinned right now."""
