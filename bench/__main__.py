@@ -88,6 +88,40 @@ def run_echo(client: Path, loop: str, mode: str, size: int, conns: int, seconds:
     return result
 
 
+def run_bulk(loop: str, size: int, total: int) -> dict:
+    sink = subprocess.Popen(
+        pinned(1, [sys.executable, "-m", "bench.bulk", "--sink"]),
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=HERE.parent,
+    )
+    try:
+        port = sink.stdout.readline().split()[1]
+        out = subprocess.run(
+            pinned(
+                0,
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.bulk",
+                    f"--loop={loop}",
+                    f"--size={size}",
+                    f"--total={total}",
+                    f"--port={port}",
+                ],
+            ),
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=HERE.parent,
+        )
+        sink.stdout.readline()  # DONE
+    finally:
+        sink.terminate()
+        sink.wait(10)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def summarize(samples: list[float]) -> dict[str, float]:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
 
@@ -119,12 +153,14 @@ def main() -> int:
     ap.add_argument("--conns", default="16")
     ap.add_argument("--loops", default=",".join(LOOPS))
     ap.add_argument("--no-micro", action="store_true")
+    ap.add_argument("--bulk-sizes", default="", help="e.g. 16384,65536,262144,1048576")
+    ap.add_argument("--bulk-mib", type=int, default=512)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     rounds = args.rounds or (3 if args.quick else 5)
     seconds = args.seconds or (1.0 if args.quick else 3.0)
     loops = args.loops.split(",")
-    modes = args.modes.split(",")
+    modes = [m for m in args.modes.split(",") if m]
     sizes = [int(s) for s in args.sizes.split(",")]
     conns = [int(c) for c in args.conns.split(",")]
     client = build_client()
@@ -198,6 +234,35 @@ def main() -> int:
                         "p99_us": add_row(name + " p99", p99, "us", False),
                     }
                 )
+
+    bulk_loops = [lp for lp in loops if lp != "uringloop"]
+    if "uringloop" in loops:
+        bulk_loops += ["uringloop-copy", "uringloop"]
+    for size in [int(s) for s in args.bulk_sizes.split(",") if s]:
+        rate: dict[str, list[float]] = {}
+        cpu: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            for lp in bulk_loops:
+                r = run_bulk(lp, size, args.bulk_mib << 20)
+                rate.setdefault(lp, []).append(r["gbytes_per_s"] * 1000)
+                cpu.setdefault(lp, []).append(r["cpu_s_per_gib"] * 1000)
+        saved_loops = loops
+        loops = bulk_loops
+        lines.extend(
+            [
+                "",
+                "| bulk | " + " | ".join(loops) + " | zc / uvloop | zc / asyncio |",
+                "|---|" + "---|" * (len(loops) + 2),
+            ]
+        )
+        results.setdefault("bulk", []).append(
+            {
+                "size": size,
+                "mbytes_per_s": add_row(f"bulk send {size} B MB/s", rate, "MB/s"),
+                "cpu_ms_per_gib": add_row(f"bulk send {size} B sender CPU", cpu, "ms/GiB", False),
+            }
+        )
+        loops = saved_loops
 
     out_dir = args.out or HERE / "results" / datetime.date.today().isoformat()
     out_dir.mkdir(parents=True, exist_ok=True)
