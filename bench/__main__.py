@@ -238,7 +238,16 @@ def main() -> int:
     bulk_loops = [lp for lp in loops if lp != "uringloop"]
     if "uringloop" in loops:
         bulk_loops += ["uringloop-copy", "uringloop"]
-    for size in [int(s) for s in args.bulk_sizes.split(",") if s]:
+    bulk_sizes = [int(s) for s in args.bulk_sizes.split(",") if s]
+    if bulk_sizes:
+        lines.extend(
+            [
+                "",
+                "| bulk | " + " | ".join(bulk_loops) + " | zc / uvloop | zc / asyncio |",
+                "|---|" + "---|" * (len(bulk_loops) + 2),
+            ]
+        )
+    for size in bulk_sizes:
         rate: dict[str, list[float]] = {}
         cpu: dict[str, list[float]] = {}
         for _ in range(rounds):
@@ -248,13 +257,6 @@ def main() -> int:
                 cpu.setdefault(lp, []).append(r["cpu_s_per_gib"] * 1000)
         saved_loops = loops
         loops = bulk_loops
-        lines.extend(
-            [
-                "",
-                "| bulk | " + " | ".join(loops) + " | zc / uvloop | zc / asyncio |",
-                "|---|" + "---|" * (len(loops) + 2),
-            ]
-        )
         results.setdefault("bulk", []).append(
             {
                 "size": size,
