@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import random
 import socket
+import sys
 
 import pytest
 
@@ -154,18 +155,25 @@ async def test_random_writes_arrive_complete_and_in_order(family, tmp_path, fd_l
 
 @pytest.mark.asyncio
 async def test_bytearray_mutated_after_write_arrives_with_old_content(fd_leak_check):
-    if type(asyncio.get_running_loop()).__module__.startswith("uvloop"):
+    loop = asyncio.get_running_loop()
+    if type(loop).__module__.startswith("uvloop"):
         pytest.skip("uvloop sends a queued bytearray/memoryview as it is at send time")
+    # asyncio 3.12+ queues a memoryview without copying it (only bytearray is copied)
+    check_views = isinstance(loop, uringloop.UringEventLoop) or sys.version_info < (3, 12)
     srv, server_p, client_p = await connected_pair()
+    total = 0
     for size in (10, 100_000, 2 << 20):
         buf = bytearray(b"a" * size)
         client_p.transport.write(buf)
         buf[:] = b"b" * size
-        view_src = bytearray(b"c" * size)
-        client_p.transport.write(memoryview(view_src))
-        view_src[:] = b"d" * size
-    await wait_for_len(server_p, 2 * (10 + 100_000 + (2 << 20)))
-    assert set(server_p.data) == {ord("a"), ord("c")}
+        total += size
+        if check_views:
+            view_src = bytearray(b"c" * size)
+            client_p.transport.write(memoryview(view_src))
+            view_src[:] = b"d" * size
+            total += size
+    await wait_for_len(server_p, total)
+    assert set(server_p.data) == ({ord("a"), ord("c")} if check_views else {ord("a")})
     await close_all(srv, client_p, server_p)
 
 
