@@ -134,6 +134,10 @@ static ul_op *op_alloc(Ring *r, enum ul_kind kind)
     op->fd = -1;
     op->arg = 0;
     op->fut = op->obj = op->sock = NULL;
+    op->views = NULL;
+    op->iov = NULL;
+    op->niov = op->iov_first = 0;
+    op->notif = 0;
     op->done = 0;
     op->addrlen = 0;
     op->next_free = UL_NO_SLOT;
@@ -146,6 +150,15 @@ static void op_free(Ring *r, ul_op *op)
     if (op->has_view) {
         PyBuffer_Release(&op->view);
         op->has_view = 0;
+    }
+    if (op->views) {
+        for (int i = 0; i < op->niov; i++)
+            PyBuffer_Release(&op->views[i]);
+        PyMem_Free(op->views);
+        PyMem_Free(op->iov);
+        op->views = NULL;
+        op->iov = NULL;
+        op->niov = 0;
     }
     Py_CLEAR(op->fut);
     Py_CLEAR(op->obj);
@@ -808,6 +821,68 @@ static int stream_submit(Stream *s, PyObject *payload, Py_ssize_t offset)
     return 0;
 }
 
+#define STREAM_MAX_IOV 64
+
+static int stream_is_zc_payload(Stream *s, PyObject *payload)
+{
+    return s->zc && s->ring->zc_supported && PyBytes_CheckExact(payload) &&
+           PyBytes_GET_SIZE(payload) >= s->zc_threshold;
+}
+
+static void prep_sendmsg_rest(ul_op *op, struct io_uring_sqe *sqe)
+{
+    memset(&op->msg, 0, sizeof(op->msg));
+    op->msg.msg_iov = op->iov + op->iov_first;
+    op->msg.msg_iovlen = op->niov - op->iov_first;
+    io_uring_prep_sendmsg(sqe, op->fd, &op->msg, MSG_NOSIGNAL);
+}
+
+/* Send the first n queued payloads (all plain) as one vectored send. */
+static int stream_submit_vectored(Stream *s, Py_ssize_t n)
+{
+    Ring *r = s->ring;
+    ul_op *op = op_alloc(r, UL_STREAM_SEND);
+    if (!op)
+        return -1;
+    op->obj = PyList_GetSlice(s->queue, 0, n);
+    op->views = PyMem_Calloc(n, sizeof(Py_buffer));
+    op->iov = PyMem_Calloc(n, sizeof(struct iovec));
+    if (!op->obj || !op->views || !op->iov) {
+        op_free(r, op);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (PyObject_GetBuffer(PyList_GET_ITEM(op->obj, i), &op->views[i], PyBUF_SIMPLE) < 0) {
+            op_free(r, op);
+            return -1;
+        }
+        op->niov = (int)i + 1;
+        op->iov[i].iov_base = op->views[i].buf;
+        op->iov[i].iov_len = op->views[i].len;
+    }
+    struct io_uring_sqe *sqe = get_sqe(r);
+    if (!sqe) {
+        op_free(r, op);
+        return -1;
+    }
+    if (PyList_SetSlice(s->queue, 0, n, NULL) < 0) {
+        io_uring_prep_nop(sqe);
+        io_uring_sqe_set_data64(sqe, UL_IGNORE);
+        op_free(r, op);
+        return -1;
+    }
+    Py_INCREF(s);
+    op->sock = (PyObject *)s;
+    op->fd = s->fd;
+    op->iov_first = 0;
+    prep_sendmsg_rest(op, sqe);
+    r->copy_sends++;
+    op_armed(r, op, sqe);
+    s->send_armed = 1;
+    return 0;
+}
+
 /* Send the next queued payload, or report that the queue drained. */
 static void stream_send_next(Stream *s)
 {
@@ -821,6 +896,16 @@ static void stream_send_next(Stream *s)
             s->notify_flushed = 0;
             owner_call(s, str_stream_flushed, NULL);
         }
+        return;
+    }
+    /* consecutive plain payloads go out together: one request, one CQE */
+    Py_ssize_t nplain = 0, qlen = PyList_GET_SIZE(s->queue);
+    while (nplain < qlen && nplain < STREAM_MAX_IOV &&
+           !stream_is_zc_payload(s, PyList_GET_ITEM(s->queue, nplain)))
+        nplain++;
+    if (nplain > 1) {
+        if (stream_submit_vectored(s, nplain) < 0)
+            PyErr_WriteUnraisable(s->owner);
         return;
     }
     PyObject *payload = PyList_GET_ITEM(s->queue, 0);
@@ -880,6 +965,33 @@ static void stream_complete(Ring *r, ul_op *op, int res, unsigned flags)
         }
         r->copy_bytes += res;
         s->queued -= res;
+        if (op->views) {
+            /* vectored: skip what went out, resubmit the rest from the same record */
+            size_t left = (size_t)res;
+            while (op->iov_first < op->niov && left >= op->iov[op->iov_first].iov_len) {
+                left -= op->iov[op->iov_first].iov_len;
+                op->iov_first++;
+            }
+            if (op->iov_first < op->niov) {
+                op->iov[op->iov_first].iov_base = (char *)op->iov[op->iov_first].iov_base + left;
+                op->iov[op->iov_first].iov_len -= left;
+                struct io_uring_sqe *sqe = get_sqe(r);
+                if (!sqe) {
+                    PyErr_WriteUnraisable(s->owner);
+                    break;
+                }
+                prep_sendmsg_rest(op, sqe);
+                op_armed(r, op, sqe);
+                s->send_armed = 1;
+                Py_DECREF(s);
+                return;
+            }
+            op_free(r, op);
+            stream_maybe_resume_writing(s);
+            stream_send_next(s);
+            Py_DECREF(s);
+            return;
+        }
         op->done += res;
         if ((Py_ssize_t)op->done < op->view.len) {
             /* short send: the rest goes next, from the same record */

@@ -14,6 +14,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 
 #include "compat.h"
 
@@ -47,6 +48,11 @@ typedef struct ul_op {
     PyObject *obj;
     PyObject *sock; /* the socket object a recv reads for (handed to orphan_cb) */
     Py_buffer view;
+    /* a vectored stream send: one held view per payload in obj (a list) */
+    Py_buffer *views;
+    struct iovec *iov;
+    struct msghdr msg;
+    int niov, iov_first;
     size_t done;
     socklen_t addrlen;
     struct sockaddr_storage addr;
