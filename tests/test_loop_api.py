@@ -7,6 +7,7 @@ import concurrent.futures
 import contextvars
 import logging
 import socket
+import sys
 import threading
 import time
 
@@ -89,12 +90,15 @@ async def test_tasks_names_contexts_and_cancellation():
         await asyncio.sleep(0)
         return var.get()
 
-    ctx = contextvars.copy_context()
-    ctx.run(var.set, "in-ctx")
-    task = loop.create_task(read_var(), name="reader", context=ctx)
-    assert task.get_name() == "reader"
-    assert await task == "in-ctx"
-    assert var.get() == "unset"
+    if sys.version_info >= (3, 11):  # create_task(context=) is 3.11+
+        ctx = contextvars.copy_context()
+        ctx.run(var.set, "in-ctx")
+        task = loop.create_task(read_var(), name="reader", context=ctx)
+        assert task.get_name() == "reader"
+        assert await task == "in-ctx"
+    task = loop.create_task(read_var(), name="plain")
+    assert task.get_name() == "plain"
+    assert await task == "unset"
 
     blocker = asyncio.ensure_future(asyncio.sleep(10))
     await asyncio.sleep(0)
