@@ -1636,6 +1636,29 @@ static PyObject *Ring_cancel(Ring *r, PyObject *arg)
     Py_RETURN_TRUE;
 }
 
+/* The common start of a request that holds a future (or callback): an SQE and a
+   record for fd. Returns NULL with an exception set; the SQE then becomes a NOP. */
+static ul_op *op_start(Ring *r, enum ul_kind kind, int fd, PyObject *fut,
+                       struct io_uring_sqe **sqe_out)
+{
+    if (!ring_usable(r))
+        return NULL;
+    struct io_uring_sqe *sqe = get_sqe(r);
+    if (!sqe)
+        return NULL;
+    ul_op *op = op_alloc(r, kind);
+    if (!op) {
+        io_uring_prep_nop(sqe);
+        io_uring_sqe_set_data64(sqe, UL_IGNORE);
+        return NULL;
+    }
+    op->fd = fd;
+    Py_INCREF(fut);
+    op->fut = fut;
+    *sqe_out = sqe;
+    return op;
+}
+
 static PyObject *Ring_recv(Ring *r, PyObject *args)
 {
     int fd;
@@ -1647,27 +1670,16 @@ static PyObject *Ring_recv(Ring *r, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "negative buffersize in recv");
         return NULL;
     }
-    if (!ring_usable(r))
-        return NULL;
     PyObject *buf = PyBytes_FromStringAndSize(NULL, n);
     if (!buf)
         return NULL;
-    struct io_uring_sqe *sqe = get_sqe(r);
-    if (!sqe) {
-        Py_DECREF(buf);
-        return NULL;
-    }
-    ul_op *op = op_alloc(r, UL_RECV);
+    struct io_uring_sqe *sqe;
+    ul_op *op = op_start(r, UL_RECV, fd, fut, &sqe);
     if (!op) {
-        io_uring_prep_nop(sqe);
-        io_uring_sqe_set_data64(sqe, UL_IGNORE);
         Py_DECREF(buf);
         return NULL;
     }
-    op->fd = fd;
     op->obj = buf;
-    Py_INCREF(fut);
-    op->fut = fut;
     Py_XINCREF(sock);
     op->sock = sock;
     io_uring_prep_recv(sqe, fd, PyBytes_AS_STRING(buf), (size_t)n, 0);
@@ -1762,20 +1774,10 @@ static PyObject *Ring_accept_multishot(Ring *r, PyObject *args)
     PyObject *cb;
     if (!PyArg_ParseTuple(args, "iO:accept_multishot", &fd, &cb))
         return NULL;
-    if (!ring_usable(r))
+    struct io_uring_sqe *sqe;
+    ul_op *op = op_start(r, UL_ACCEPT_MULTI, fd, cb, &sqe);
+    if (!op)
         return NULL;
-    struct io_uring_sqe *sqe = get_sqe(r);
-    if (!sqe)
-        return NULL;
-    ul_op *op = op_alloc(r, UL_ACCEPT_MULTI);
-    if (!op) {
-        io_uring_prep_nop(sqe);
-        io_uring_sqe_set_data64(sqe, UL_IGNORE);
-        return NULL;
-    }
-    op->fd = fd;
-    Py_INCREF(cb);
-    op->fut = cb;
     io_uring_prep_multishot_accept(sqe, fd, NULL, NULL, SOCK_CLOEXEC);
     op_armed(r, op, sqe);
     return PyLong_FromUnsignedLongLong(op_key(op));
@@ -1804,20 +1806,10 @@ static PyObject *Ring_accept(Ring *r, PyObject *args)
     PyObject *fut;
     if (!PyArg_ParseTuple(args, "iO:accept", &fd, &fut))
         return NULL;
-    if (!ring_usable(r))
+    struct io_uring_sqe *sqe;
+    ul_op *op = op_start(r, UL_ACCEPT, fd, fut, &sqe);
+    if (!op)
         return NULL;
-    struct io_uring_sqe *sqe = get_sqe(r);
-    if (!sqe)
-        return NULL;
-    ul_op *op = op_alloc(r, UL_ACCEPT);
-    if (!op) {
-        io_uring_prep_nop(sqe);
-        io_uring_sqe_set_data64(sqe, UL_IGNORE);
-        return NULL;
-    }
-    op->fd = fd;
-    Py_INCREF(fut);
-    op->fut = fut;
     op->addrlen = sizeof(op->addr);
     io_uring_prep_accept(sqe, fd, (struct sockaddr *)&op->addr, &op->addrlen, SOCK_CLOEXEC);
     op_armed(r, op, sqe);
@@ -1838,28 +1830,15 @@ static PyObject *Ring_connect(Ring *r, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "bad socket address length");
         return NULL;
     }
-    if (!ring_usable(r)) {
-        PyBuffer_Release(&addr);
-        return NULL;
-    }
-    struct io_uring_sqe *sqe = get_sqe(r);
-    if (!sqe) {
-        PyBuffer_Release(&addr);
-        return NULL;
-    }
-    ul_op *op = op_alloc(r, UL_CONNECT);
+    struct io_uring_sqe *sqe;
+    ul_op *op = op_start(r, UL_CONNECT, fd, fut, &sqe);
     if (!op) {
-        io_uring_prep_nop(sqe);
-        io_uring_sqe_set_data64(sqe, UL_IGNORE);
         PyBuffer_Release(&addr);
         return NULL;
     }
     memcpy(&op->addr, addr.buf, addr.len);
     op->addrlen = (socklen_t)addr.len;
     PyBuffer_Release(&addr);
-    op->fd = fd;
-    Py_INCREF(fut);
-    op->fut = fut;
     io_uring_prep_connect(sqe, fd, (struct sockaddr *)&op->addr, op->addrlen);
     op_armed(r, op, sqe);
     return PyLong_FromUnsignedLongLong(op_key(op));

@@ -217,32 +217,23 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
 
     def _pause_protocol(self) -> None:
         self._protocol_paused = True
-        try:
-            self._protocol.pause_writing()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._loop.call_exception_handler(
-                {
-                    "message": "protocol.pause_writing() failed",
-                    "exception": exc,
-                    "transport": self,
-                    "protocol": self._protocol,
-                }
-            )
+        self._call_flow_control("pause_writing")
 
     def _resume_protocol(self) -> None:
         if not self._protocol_paused:
             return
         self._protocol_paused = False
+        self._call_flow_control("resume_writing")
+
+    def _call_flow_control(self, name: str) -> None:
         try:
-            self._protocol.resume_writing()
+            getattr(self._protocol, name)()
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
             self._loop.call_exception_handler(
                 {
-                    "message": "protocol.resume_writing() failed",
+                    "message": f"protocol.{name}() failed",
                     "exception": exc,
                     "transport": self,
                     "protocol": self._protocol,
