@@ -1087,10 +1087,14 @@ static void stream_complete(Ring *r, ul_op *op, int res, unsigned flags)
 
 static int flush_dirty(Ring *r)
 {
-    uint32_t n = r->ndirty;
-    r->ndirty = 0;
+    /* Take the list: a callback run from here (a flush notification) may write and
+       mark streams dirty again, growing a new list for the next iteration. */
+    PyObject **list = r->dirty;
+    uint32_t n = r->ndirty, cap = r->capdirty;
+    r->dirty = NULL;
+    r->ndirty = r->capdirty = 0;
     for (uint32_t i = 0; i < n; i++) {
-        Stream *s = (Stream *)r->dirty[i];
+        Stream *s = (Stream *)list[i];
         s->dirty = 0;
         if (!s->closed) {
             if (s->wbuf && PyByteArray_GET_SIZE(s->wbuf) > 0) {
@@ -1103,6 +1107,12 @@ static int flush_dirty(Ring *r)
             stream_send_next(s);
         }
         Py_DECREF(s);
+    }
+    if (r->dirty == NULL) {
+        r->dirty = list; /* keep the allocation */
+        r->capdirty = cap;
+    } else {
+        PyMem_Free(list);
     }
     return 0;
 }
