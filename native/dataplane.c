@@ -75,7 +75,7 @@ typedef struct {
 } Ring;
 
 static void stream_complete(Ring *r, ul_op *op, int res, unsigned flags);
-static int flush_dirty(Ring *r);
+static void flush_dirty(Ring *r);
 
 /* ---------------------------------------------------------------- records */
 
@@ -139,6 +139,7 @@ static ul_op *op_alloc(Ring *r, enum ul_kind kind)
     op->niov = op->iov_first = 0;
     op->notif = 0;
     op->done = 0;
+    op->pinned = 0;
     op->addrlen = 0;
     op->next_free = UL_NO_SLOT;
     return op;
@@ -362,7 +363,67 @@ static void orphan_data(Ring *r, ul_op *op, const char *data, Py_ssize_t n)
     Py_XDECREF(res);
 }
 
-static int prep_send_rest(Ring *r, ul_op *op);
+/* ------------------------------------------------------------ short sends
+ *
+ * A stream socket may take only part of a send. Every send record knows what it
+ * still owes: a single buffer (view, with `done` bytes already out) or an iovec
+ * array (views, from `iov_first`). The rest goes out from the same record.
+ */
+
+static void prep_sendmsg_rest(ul_op *op, struct io_uring_sqe *sqe)
+{
+    memset(&op->msg, 0, sizeof(op->msg));
+    op->msg.msg_iov = op->iov + op->iov_first;
+    op->msg.msg_iovlen = op->niov - op->iov_first;
+    io_uring_prep_sendmsg(sqe, op->fd, &op->msg, MSG_NOSIGNAL);
+}
+
+/* Account for res bytes sent; returns 1 while some are still owed. */
+static int send_advance(ul_op *op, size_t res)
+{
+    if (!op->views) {
+        op->done += res;
+        return op->done < (size_t)op->view.len;
+    }
+    while (op->iov_first < op->niov && res >= op->iov[op->iov_first].iov_len) {
+        res -= op->iov[op->iov_first].iov_len;
+        op->iov_first++;
+    }
+    if (op->iov_first == op->niov)
+        return 0;
+    op->iov[op->iov_first].iov_base = (char *)op->iov[op->iov_first].iov_base + res;
+    op->iov[op->iov_first].iov_len -= res;
+    return 1;
+}
+
+/* Submit what op still owes, keeping the record (and the memory it holds). */
+static int send_rest(Ring *r, ul_op *op)
+{
+    struct io_uring_sqe *sqe = get_sqe(r);
+    if (!sqe)
+        return -1;
+    if (op->views)
+        prep_sendmsg_rest(op, sqe);
+    else
+        io_uring_prep_send(sqe, op->fd, (char *)op->view.buf + op->done,
+                           op->view.len - op->done, MSG_NOSIGNAL);
+    op_armed(r, op, sqe);
+    return 0;
+}
+
+static void pin(Ring *r, ul_op *op, size_t len)
+{
+    op->pinned = len;
+    r->pinned_bytes += len;
+    r->pinned_buffers++;
+}
+
+static void unpin(Ring *r, ul_op *op)
+{
+    r->pinned_bytes -= op->pinned;
+    r->pinned_buffers--;
+    op->pinned = 0;
+}
 
 static void complete_op(Ring *r, ul_op *op, int res, unsigned flags)
 {
@@ -415,10 +476,12 @@ static void complete_op(Ring *r, ul_op *op, int res, unsigned flags)
             op->notif = 1;
             return;
         }
+        unpin(r, op); /* no notification will follow */
     } else if (op->kind == UL_SENDZC) {
         r->zc_notifications++;
         if ((unsigned)res & IORING_NOTIF_USAGE_ZC_COPIED)
             r->zc_copied++;
+        unpin(r, op);
     }
     op->armed = 0;
     r->inflight--;
@@ -462,10 +525,8 @@ static void complete_op(Ring *r, ul_op *op, int res, unsigned flags)
             fut_fail(op->fut, -res);
             break;
         }
-        op->done += (size_t)res;
-        if (op->done < (size_t)op->view.len) {
-            /* short send: the rest goes out next, keeping the same record */
-            if (prep_send_rest(r, op) == 0)
+        if (send_advance(op, (size_t)res)) {
+            if (send_rest(r, op) == 0)
                 return;
             PyErr_WriteUnraisable(op->fut);
             break;
@@ -648,6 +709,7 @@ typedef struct {
     Py_ssize_t high, low, pinned_high;
     Py_ssize_t zc_threshold;
     uint64_t recv_key;
+    uint64_t send_key; /* the one send in flight (valid while send_armed) */
     uint8_t reading, recv_armed, send_armed, dirty, closed, eof, write_paused;
     uint8_t zc, zc_forced, copied_streak, notify_flushed;
 } Stream;
@@ -777,13 +839,25 @@ static void stream_maybe_pause_writing(Stream *s)
     }
 }
 
+/* Whether len bytes of payload go out with SEND_ZC: only immutable bytes (the kernel
+   reads the object's own memory), only when large enough to pay for the notification. */
+static int stream_is_zc_payload(Stream *s, PyObject *payload, Py_ssize_t len)
+{
+    return s->zc && s->ring->zc_supported && PyBytes_CheckExact(payload) &&
+           len >= s->zc_threshold;
+}
+
+static Py_ssize_t payload_size(PyObject *payload)
+{
+    return PyBytes_CheckExact(payload) ? PyBytes_GET_SIZE(payload) : PyByteArray_GET_SIZE(payload);
+}
+
 /* Put payload[offset:] into the kernel as one send. */
 static int stream_submit(Stream *s, PyObject *payload, Py_ssize_t offset)
 {
     Ring *r = s->ring;
-    Py_ssize_t total = PyBytes_CheckExact(payload) ? PyBytes_GET_SIZE(payload) : PyByteArray_GET_SIZE(payload);
-    int zc = s->zc && r->zc_supported && PyBytes_CheckExact(payload) &&
-             total - offset >= s->zc_threshold;
+    Py_ssize_t total = payload_size(payload);
+    int zc = stream_is_zc_payload(s, payload, total - offset);
     ul_op *op = op_alloc(r, zc ? UL_STREAM_ZC : UL_STREAM_SEND);
     if (!op)
         return -1;
@@ -803,14 +877,12 @@ static int stream_submit(Stream *s, PyObject *payload, Py_ssize_t offset)
     op->sock = (PyObject *)s;
     op->fd = s->fd;
     op->done = (size_t)offset;
-    op->arg = (unsigned)(total - offset);
     char *base = (char *)op->view.buf + offset;
     if (zc) {
         io_uring_prep_send_zc(sqe, s->fd, base, total - offset, MSG_NOSIGNAL,
                               IORING_SEND_ZC_REPORT_USAGE);
+        pin(r, op, total - offset);
         s->pinned += total - offset;
-        r->pinned_bytes += total - offset;
-        r->pinned_buffers++;
         r->zc_sends++;
     } else {
         io_uring_prep_send(sqe, s->fd, base, total - offset, MSG_NOSIGNAL);
@@ -818,24 +890,12 @@ static int stream_submit(Stream *s, PyObject *payload, Py_ssize_t offset)
     }
     op_armed(r, op, sqe);
     s->send_armed = 1;
+    s->send_key = op_key(op);
     return 0;
 }
 
 #define STREAM_MAX_IOV 64
 
-static int stream_is_zc_payload(Stream *s, PyObject *payload)
-{
-    return s->zc && s->ring->zc_supported && PyBytes_CheckExact(payload) &&
-           PyBytes_GET_SIZE(payload) >= s->zc_threshold;
-}
-
-static void prep_sendmsg_rest(ul_op *op, struct io_uring_sqe *sqe)
-{
-    memset(&op->msg, 0, sizeof(op->msg));
-    op->msg.msg_iov = op->iov + op->iov_first;
-    op->msg.msg_iovlen = op->niov - op->iov_first;
-    io_uring_prep_sendmsg(sqe, op->fd, &op->msg, MSG_NOSIGNAL);
-}
 
 /* Send the first n queued payloads (all plain) as one vectored send. */
 static int stream_submit_vectored(Stream *s, Py_ssize_t n)
@@ -880,6 +940,7 @@ static int stream_submit_vectored(Stream *s, Py_ssize_t n)
     r->copy_sends++;
     op_armed(r, op, sqe);
     s->send_armed = 1;
+    s->send_key = op_key(op);
     return 0;
 }
 
@@ -888,9 +949,6 @@ static void stream_send_next(Stream *s)
 {
     if (s->send_armed || s->closed)
         return;
-    if (s->wbuf && PyByteArray_GET_SIZE(s->wbuf) > 0 && !s->dirty) {
-        /* a write() from a callback run during this reap: it waits for the flush */
-    }
     if (PyList_GET_SIZE(s->queue) == 0) {
         if (s->notify_flushed && !s->dirty && (!s->wbuf || PyByteArray_GET_SIZE(s->wbuf) == 0)) {
             s->notify_flushed = 0;
@@ -900,9 +958,12 @@ static void stream_send_next(Stream *s)
     }
     /* consecutive plain payloads go out together: one request, one CQE */
     Py_ssize_t nplain = 0, qlen = PyList_GET_SIZE(s->queue);
-    while (nplain < qlen && nplain < STREAM_MAX_IOV &&
-           !stream_is_zc_payload(s, PyList_GET_ITEM(s->queue, nplain)))
+    while (nplain < qlen && nplain < STREAM_MAX_IOV) {
+        PyObject *p = PyList_GET_ITEM(s->queue, nplain);
+        if (stream_is_zc_payload(s, p, payload_size(p)))
+            break;
         nplain++;
+    }
     if (nplain > 1) {
         if (stream_submit_vectored(s, nplain) < 0)
             PyErr_WriteUnraisable(s->owner);
@@ -965,44 +1026,12 @@ static void stream_complete(Ring *r, ul_op *op, int res, unsigned flags)
         }
         r->copy_bytes += res;
         s->queued -= res;
-        if (op->views) {
-            /* vectored: skip what went out, resubmit the rest from the same record */
-            size_t left = (size_t)res;
-            while (op->iov_first < op->niov && left >= op->iov[op->iov_first].iov_len) {
-                left -= op->iov[op->iov_first].iov_len;
-                op->iov_first++;
-            }
-            if (op->iov_first < op->niov) {
-                op->iov[op->iov_first].iov_base = (char *)op->iov[op->iov_first].iov_base + left;
-                op->iov[op->iov_first].iov_len -= left;
-                struct io_uring_sqe *sqe = get_sqe(r);
-                if (!sqe) {
-                    PyErr_WriteUnraisable(s->owner);
-                    break;
-                }
-                prep_sendmsg_rest(op, sqe);
-                op_armed(r, op, sqe);
-                s->send_armed = 1;
-                Py_DECREF(s);
-                return;
-            }
-            op_free(r, op);
-            stream_maybe_resume_writing(s);
-            stream_send_next(s);
-            Py_DECREF(s);
-            return;
-        }
-        op->done += res;
-        if ((Py_ssize_t)op->done < op->view.len) {
+        if (send_advance(op, (size_t)res)) {
             /* short send: the rest goes next, from the same record */
-            struct io_uring_sqe *sqe = get_sqe(r);
-            if (!sqe) {
+            if (send_rest(r, op) < 0) {
                 PyErr_WriteUnraisable(s->owner);
                 break;
             }
-            io_uring_prep_send(sqe, s->fd, (char *)op->view.buf + op->done,
-                               op->view.len - op->done, MSG_NOSIGNAL);
-            op_armed(r, op, sqe);
             s->send_armed = 1;
             Py_DECREF(s);
             return;
@@ -1025,9 +1054,8 @@ static void stream_complete(Ring *r, ul_op *op, int res, unsigned flags)
             } else {
                 s->copied_streak = 0;
             }
-            s->pinned -= op->arg;
-            r->pinned_bytes -= op->arg;
-            r->pinned_buffers--;
+            s->pinned -= op->pinned;
+            unpin(r, op);
             op->armed = 0;
             r->inflight--;
             op_free(r, op);
@@ -1042,9 +1070,8 @@ static void stream_complete(Ring *r, ul_op *op, int res, unsigned flags)
         s->send_armed = 0;
         if (!(flags & IORING_CQE_F_MORE)) {
             /* no notification will come (an error at prep): release now */
-            s->pinned -= op->arg;
-            r->pinned_bytes -= op->arg;
-            r->pinned_buffers--;
+            s->pinned -= op->pinned;
+            unpin(r, op);
             op->armed = 0;
             r->inflight--;
             op->notif = 0;
@@ -1085,7 +1112,7 @@ static void stream_complete(Ring *r, ul_op *op, int res, unsigned flags)
     Py_DECREF(s);
 }
 
-static int flush_dirty(Ring *r)
+static void flush_dirty(Ring *r)
 {
     /* Take the list: a callback run from here (a flush notification) may write and
        mark streams dirty again, growing a new list for the next iteration. */
@@ -1114,7 +1141,6 @@ static int flush_dirty(Ring *r)
     } else {
         PyMem_Free(list);
     }
-    return 0;
 }
 
 static int stream_mark_dirty(Stream *s)
@@ -1312,17 +1338,14 @@ static PyObject *Stream_close_now(Stream *s, PyObject *unused)
         Py_RETURN_NONE;
     s->closed = 1;
     s->reading = 0;
+    /* A stream has at most one recv and one send in the kernel; a SEND_ZC whose
+       first CQE is in has nothing left to cancel and keeps its memory until the
+       notification. */
     Ring *r = s->ring;
     if (!r->closed && r->fork_generation == ul_fork_generation) {
-        for (uint32_t i = 1; i < r->nops; i++) {
-            ul_op *op = r->ops[i];
-            if (op->kind >= UL_STREAM_RECV && op->sock == (PyObject *)s && op->armed &&
-                !op->cancelled && !op->notif) {
-                op->cancelled = 1;
-                if (submit_cancel(r, op) < 0)
-                    return NULL;
-            }
-        }
+        if ((s->recv_armed && stream_cancel_key(s, s->recv_key) < 0) ||
+            (s->send_armed && stream_cancel_key(s, s->send_key) < 0))
+            return NULL;
     }
     Py_CLEAR(s->wbuf);
     Py_CLEAR(s->held);
@@ -1519,8 +1542,9 @@ static PyObject *Ring_wait(Ring *r, PyObject *arg)
     }
     if (ring_enable(r) < 0)
         return NULL;
-    if (rearm_polls(r) < 0 || flush_dirty(r) < 0)
+    if (rearm_polls(r) < 0)
         return NULL;
+    flush_dirty(r);
 
     if (timeout == 0) {
         ret = io_uring_submit_and_get_events(r->ring);
@@ -1750,17 +1774,6 @@ static PyObject *Ring_recv_into(Ring *r, PyObject *args)
     return PyLong_FromUnsignedLongLong(op_key(op));
 }
 
-static int prep_send_rest(Ring *r, ul_op *op)
-{
-    struct io_uring_sqe *sqe = get_sqe(r);
-    if (!sqe)
-        return -1;
-    io_uring_prep_send(sqe, op->fd, (char *)op->view.buf + op->done, op->view.len - op->done,
-                       MSG_NOSIGNAL);
-    op_armed(r, op, sqe);
-    return 0;
-}
-
 static PyObject *Ring_sendall(Ring *r, PyObject *args)
 {
     int fd;
@@ -1806,6 +1819,7 @@ static PyObject *Ring_send_zc(Ring *r, PyObject *args)
         return NULL;
     io_uring_prep_send_zc(sqe, fd, op->view.buf, op->view.len, MSG_NOSIGNAL,
                           IORING_SEND_ZC_REPORT_USAGE);
+    pin(r, op, op->view.len);
     op_armed(r, op, sqe);
     return PyLong_FromUnsignedLongLong(op_key(op));
 }

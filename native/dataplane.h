@@ -54,6 +54,7 @@ typedef struct ul_op {
     struct msghdr msg;
     int niov, iov_first;
     size_t done;
+    size_t pinned; /* SEND_ZC: bytes lent to the kernel until the notification */
     socklen_t addrlen;
     struct sockaddr_storage addr;
     uint32_t next_free;
