@@ -29,6 +29,18 @@ def listener(family=socket.AF_INET, path=None):
     return srv
 
 
+async def tcp_connection(loop, host="127.0.0.1"):
+    """(client, server side) connected through loop.sock_connect and loop.sock_accept."""
+    srv = listener()
+    client = socket.socket()
+    client.setblocking(False)
+    with srv:
+        accept = asyncio.ensure_future(loop.sock_accept(srv))
+        await loop.sock_connect(client, (host, srv.getsockname()[1]))
+        conn, _ = await accept
+    return client, conn
+
+
 @pytest.mark.asyncio
 async def test_recv_and_sendall_roundtrip(fd_leak_check):
     loop = asyncio.get_running_loop()
@@ -48,25 +60,19 @@ async def test_recv_and_sendall_roundtrip(fd_leak_check):
 @pytest.mark.asyncio
 async def test_sendall_of_megabytes_survives_short_sends(fd_leak_check):
     loop = asyncio.get_running_loop()
-    srv = listener()
-    client = socket.socket()
-    client.setblocking(False)
     payload = os.urandom(8 * 1024 * 1024)
-    with srv, client:
-        accept = asyncio.ensure_future(loop.sock_accept(srv))
-        await loop.sock_connect(client, srv.getsockname())
-        conn, _ = await accept
-        with conn:
-            received = bytearray()
+    client, conn = await tcp_connection(loop)
+    with client, conn:
+        received = bytearray()
 
-            async def reader():
-                while len(received) < len(payload):
-                    chunk = await loop.sock_recv(conn, 1 << 16)
-                    assert chunk
-                    received.extend(chunk)
+        async def reader():
+            while len(received) < len(payload):
+                chunk = await loop.sock_recv(conn, 1 << 16)
+                assert chunk
+                received.extend(chunk)
 
-            await asyncio.gather(loop.sock_sendall(client, payload), reader())
-            assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+        await asyncio.gather(loop.sock_sendall(client, payload), reader())
+        assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
 
 
 @pytest.mark.asyncio
@@ -106,15 +112,10 @@ async def test_connect_refused_raises_connection_refused(fd_leak_check):
 
 @pytest.mark.asyncio
 async def test_connect_resolves_host_names(fd_leak_check):
-    loop = asyncio.get_running_loop()
-    srv = listener()
-    s = socket.socket()
-    s.setblocking(False)
-    with srv, s:
-        accept = asyncio.ensure_future(loop.sock_accept(srv))
-        await loop.sock_connect(s, ("localhost", srv.getsockname()[1]))
-        conn, _ = await accept
-        conn.close()
+    client, conn = await tcp_connection(asyncio.get_running_loop(), "localhost")
+    assert conn.getpeername() == client.getsockname()
+    client.close()
+    conn.close()
 
 
 @pytest.mark.asyncio
@@ -146,13 +147,8 @@ async def test_blocking_socket_is_refused_in_debug_mode():
 @pytest.mark.asyncio
 async def test_recv_on_reset_connection_raises(fd_leak_check):
     loop = asyncio.get_running_loop()
-    srv = listener()
-    client = socket.socket()
-    client.setblocking(False)
-    with srv, client:
-        accept = asyncio.ensure_future(loop.sock_accept(srv))
-        await loop.sock_connect(client, srv.getsockname())
-        conn, _ = await accept
+    client, conn = await tcp_connection(loop)
+    with client:
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         conn.close()  # RST
         with pytest.raises(ConnectionResetError):

@@ -171,7 +171,7 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
         self._abortive = True
         self._force_close(None)
 
-    def __del__(self, _warn: Any = None) -> None:
+    def __del__(self) -> None:
         if self._sock is not None and not self._closing:
             warnings.warn(
                 f"unclosed transport {self!r}", ResourceWarning, source=self, stacklevel=2
