@@ -161,6 +161,18 @@ def _pack_sockaddr(family: int, address: Any) -> bytes | None:
     return None
 
 
+def _zerocopy_options(zerocopy: str | None, zc_threshold: int | None) -> tuple[str, int]:
+    """The zerocopy mode and threshold: arguments first, then the environment."""
+    zerocopy = zerocopy or os.environ.get("URINGLOOP_ZEROCOPY", "auto")
+    if zerocopy not in ("auto", "always", "never"):
+        raise ValueError(f"zerocopy must be 'auto', 'always' or 'never', not {zerocopy!r}")
+    if zc_threshold is None:
+        zc_threshold = int(os.environ.get("URINGLOOP_ZC_THRESHOLD", DEFAULT_ZC_THRESHOLD))
+    if zc_threshold < 0:
+        raise ValueError("zc_threshold must be >= 0")
+    return zerocopy, zc_threshold
+
+
 class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type]
     """An asyncio event loop whose only way of waiting and doing I/O is one io_uring.
 
@@ -177,30 +189,21 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         zerocopy: str | None = None,
         zc_threshold: int | None = None,
     ) -> None:
-        setup = setup or os.environ.get("URINGLOOP_RING_SETUP", "auto")
-        zerocopy = zerocopy or os.environ.get("URINGLOOP_ZEROCOPY", "auto")
-        if zerocopy not in ("auto", "always", "never"):
-            self._closed = True
-            raise ValueError(f"zerocopy must be 'auto', 'always' or 'never', not {zerocopy!r}")
-        if zc_threshold is None:
-            zc_threshold = int(os.environ.get("URINGLOOP_ZC_THRESHOLD", DEFAULT_ZC_THRESHOLD))
-        if zc_threshold < 0:
-            self._closed = True
-            raise ValueError("zc_threshold must be >= 0")
+        try:
+            zerocopy, zc_threshold = _zerocopy_options(zerocopy, zc_threshold)
+            features = _ring.probe()
+            ring_setup = _ring.create_ring(setup or os.environ.get("URINGLOOP_RING_SETUP", "auto"))
+        except BaseException:
+            self._closed = True  # BaseEventLoop.__del__ looks at it
+            raise
         self._zerocopy = zerocopy
         self._zc_threshold = zc_threshold
         self._zc_linger_seconds = ZC_LINGER_SECONDS
         self._lingering: set[RingStreamTransport] = set()
-        try:
-            ring_setup = _ring.create_ring(setup)
-        except BaseException:
-            self._closed = True  # BaseEventLoop.__del__ looks at it
-            raise
         self._ring_setup: _ring.RingSetup | None = ring_setup
         address = int(_ring.ffi.cast("uintptr_t", ring_setup.ring))
         self._ring = Ring(address, ring_setup.ring)
         self._ring.orphan_callback = self._keep_orphaned_data
-        features = _ring.probe()
         if zerocopy != "never":
             self._ring.zc_supported = features.send_zc and features.send_zc_report_usage
         self._multishot_accept = features.multishot_accept

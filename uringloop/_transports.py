@@ -182,10 +182,7 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
 
     def _stream_flushed(self) -> None:
         if self._closing:
-            if not self._conn_lost:
-                self._conn_lost += 1
-                self._stream.close_now()
-                self._loop.call_soon(self._call_connection_lost, None)
+            self._force_close(None)
         elif self._eof and self._sock is not None:
             try:
                 self._sock.shutdown(socket.SHUT_WR)
