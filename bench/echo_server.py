@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+import os
 import sys
 
-from .loops import LOOPS, loop_factory
+from .loops import LOOPS, VARIANTS, loop_factory
 
 
 class EchoProtocol(asyncio.Protocol):
@@ -76,7 +77,7 @@ async def serve(mode: str, port: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--loop", choices=LOOPS, required=True)
+    ap.add_argument("--loop", choices=LOOPS + VARIANTS, required=True)
     ap.add_argument("--mode", choices=("sock", "streams", "protocol"), default="sock")
     ap.add_argument("--port", type=int, default=0)
     args = ap.parse_args()
@@ -86,6 +87,8 @@ def main() -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        if os.environ.get("BENCH_STATS") and hasattr(loop, "ring_info"):
+            print(loop.ring_info(), loop.zerocopy_stats(), file=sys.stderr, flush=True)
         loop.close()
     sys.exit(0)
 

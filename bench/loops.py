@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Callable
 
 LOOPS = ("asyncio", "uvloop", "uringloop")
+# variants of uringloop for comparisons inside the project
+VARIANTS = ("uringloop-single",)
 
 
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -19,6 +21,13 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
         import uringloop
 
         return uringloop.new_event_loop
+    if name == "uringloop-single":
+        # single-shot recv per read instead of multishot recv from the buffer ring
+        import functools
+
+        import uringloop
+
+        return functools.partial(uringloop.new_event_loop, recv_multishot=False)
     raise ValueError(f"unknown loop {name!r}; choose from {', '.join(LOOPS)}")
 
 

@@ -36,7 +36,9 @@
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -66,13 +68,29 @@ typedef struct {
     PyObject **dirty;
     uint32_t ndirty, capdirty;
     int zc_supported;    /* SEND_ZC with usage reports (set by the loop after probing) */
+    /* multishot stream receives from one provided buffer ring (see rx_setup) */
+    int rx_allowed;      /* the kernel has multishot recv + buffer rings (set by the loop) */
+    int rx_state;        /* 0 not set up yet, 1 ready, -1 unavailable: single-shot recv */
+    struct io_uring_buf_ring *rx_ring;
+    char *rx_arena;
+    size_t rx_map_len;
+    unsigned rx_nbufs, rx_bufsize;
+    PyObject **rx_ready; /* streams with received data or an ended recv in this batch */
+    uint32_t nrx_ready, caprx_ready;
     Py_ssize_t pinned_bytes;
     unsigned long long pinned_buffers;
     /* counters, exposed by stats() */
     unsigned long long n_enter, n_cqe, n_sqe, n_stray;
     unsigned long long zc_sends, zc_bytes, zc_notifications, zc_copied, copy_fallback;
     unsigned long long copy_sends, copy_bytes;
+    unsigned long long rx_cqes, rx_deliveries, rx_enobufs;
+    /* KeyboardInterrupt/SystemExit raised by a callback run from the batch: wait()
+       raises it once the batch is done, so it escapes the loop as in asyncio */
+    PyObject *escaping;
 } Ring;
+
+static void rx_deliver_ready(Ring *r);
+static void callback_failed(Ring *r, PyObject *where);
 
 static void stream_complete(Ring *r, ul_op *op, int res, unsigned flags);
 static void flush_dirty(Ring *r);
@@ -443,7 +461,7 @@ static void complete_op(Ring *r, ul_op *op, int res, unsigned flags)
         } else if (res >= 0 || !more) {
             PyObject *out = PyObject_CallFunction(op->fut, "i", res);
             if (!out)
-                PyErr_WriteUnraisable(op->fut);
+                callback_failed(r, op->fut);
             Py_XDECREF(out);
         }
         if (more)
@@ -605,6 +623,8 @@ static unsigned reap(Ring *r)
         }
         io_uring_cq_advance(r->ring, n);
         total += n;
+        if (r->nrx_ready)
+            rx_deliver_ready(r); /* merged per stream, buffers back to the kernel */
         if (IO_URING_READ_ONCE(*r->ring->sq.kflags) & IORING_SQ_CQ_OVERFLOW) {
             /* the kernel holds more completions than fit the CQ: flush them in */
             io_uring_get_events(r->ring);
@@ -712,18 +732,41 @@ typedef struct {
     uint64_t send_key; /* the one send in flight (valid while send_armed) */
     uint8_t reading, recv_armed, send_armed, dirty, closed, eof, write_paused;
     uint8_t zc, zc_forced, copied_streak, notify_flushed;
+    /* multishot receive: this batch's ring buffers, delivered together by rx_deliver_ready */
+    uint8_t rx_multi, rx_ready, rx_ended, rx_bulk;
+    int rx_res;   /* the ended recv's final result (0 EOF, -errno) */
+    int held_end; /* while paused: 1 EOF, -errno an error, to report after the held data */
+    struct rx_seg {
+        uint32_t bid, len;
+    } *segs;
+    uint32_t nsegs, capsegs;
 } Stream;
 
 static PyObject *str_data_received, *str_get_buffer, *str_buffer_updated;
 static PyObject *str_stream_eof, *str_stream_error, *str_stream_flushed, *str_protocol_error;
 static PyObject *str_pause_protocol, *str_resume_protocol, *str_stream_unpinned;
 
+/* A callback run from a batch raised: an Exception is reported; anything else
+   (KeyboardInterrupt, SystemExit) must leave the loop, after the batch. */
+static void callback_failed(Ring *r, PyObject *where)
+{
+    if (PyErr_ExceptionMatches(PyExc_Exception)) {
+        PyErr_WriteUnraisable(where);
+        return;
+    }
+    PyObject *exc = PyErr_GetRaisedException_compat();
+    if (!r->escaping)
+        r->escaping = exc;
+    else
+        Py_XDECREF(exc);
+}
+
 static void owner_call(Stream *s, PyObject *name, PyObject *arg)
 {
     PyObject *res = arg ? PyObject_CallMethodOneArg(s->owner, name, arg)
                         : PyObject_CallMethodNoArgs(s->owner, name);
     if (!res)
-        PyErr_WriteUnraisable(s->owner);
+        callback_failed(s->ring, s->owner);
     Py_XDECREF(res);
 }
 
@@ -746,6 +789,83 @@ static void protocol_raised(Stream *s)
     Py_XDECREF(exc);
 }
 
+/* ------------------------------------------------------------ receive
+ *
+ * A Protocol's stream reads with one multishot recv that picks buffers from a
+ * ring shared by the whole loop (where the kernel has both; single-shot recv
+ * into a fresh bytes object otherwise). A batch's CQEs for one connection are
+ * only noted (buffer id, length); after the batch, rx_deliver_ready() copies
+ * them into one bytes object, gives the buffers straight back to the kernel
+ * and calls data_received() once. The ended recv's final result (EOF, error,
+ * ENOBUFS when the ring ran dry, a cancel) is handled after the data it
+ * followed, so nothing is lost or reordered. A BufferedProtocol reads with
+ * single-shot recv straight into the buffer its get_buffer() returns.
+ */
+
+#define UL_RX_BGID 1
+#define UL_RX_NBUFS 512
+#define UL_RX_BUFSIZE (16 * 1024)
+
+/* At most this much per data_received() call from one batch. */
+#define RX_MERGE_MAX (256 * 1024)
+/* Bulk streams: a batch that brought this much switches the stream to single-shot
+   recv straight into a bytes object (no copy out of the ring, one CQE per read);
+   a single-shot read smaller than RX_SMALL switches it back to multishot. */
+#define RX_BULK (64 * 1024)
+#define RX_SMALL (16 * 1024)
+
+static int stream_cancel_key(Stream *s, uint64_t key);
+
+static int rx_setup(Ring *r)
+{
+    if (r->rx_state)
+        return r->rx_state > 0;
+    r->rx_state = -1;
+    if (!r->rx_allowed)
+        return 0;
+    long page = sysconf(_SC_PAGESIZE);
+    size_t ring_len = UL_RX_NBUFS * sizeof(struct io_uring_buf);
+    ring_len = (ring_len + page - 1) / page * page;
+    size_t len = ring_len + (size_t)UL_RX_NBUFS * UL_RX_BUFSIZE;
+    void *mem = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED)
+        return 0;
+    struct io_uring_buf_reg reg;
+    memset(&reg, 0, sizeof(reg));
+    reg.ring_addr = (uintptr_t)mem;
+    reg.ring_entries = UL_RX_NBUFS;
+    reg.bgid = UL_RX_BGID;
+    if (io_uring_register_buf_ring(r->ring, &reg, 0) < 0) {
+        munmap(mem, len);
+        return 0;
+    }
+    r->rx_ring = mem;
+    r->rx_arena = (char *)mem + ring_len;
+    r->rx_map_len = len;
+    r->rx_nbufs = UL_RX_NBUFS;
+    r->rx_bufsize = UL_RX_BUFSIZE;
+    io_uring_buf_ring_init(r->rx_ring);
+    int mask = io_uring_buf_ring_mask(r->rx_nbufs);
+    for (unsigned i = 0; i < r->rx_nbufs; i++)
+        io_uring_buf_ring_add(r->rx_ring, r->rx_arena + (size_t)i * r->rx_bufsize, r->rx_bufsize,
+                              i, mask, i);
+    io_uring_buf_ring_advance(r->rx_ring, r->rx_nbufs);
+    r->rx_state = 1;
+    return 1;
+}
+
+/* Give the buffer ring back (only once no recv can pick from it any more). */
+static void rx_teardown(Ring *r, int unregister)
+{
+    if (!r->rx_ring)
+        return;
+    if (unregister)
+        io_uring_unregister_buf_ring(r->ring, UL_RX_BGID);
+    munmap(r->rx_ring, r->rx_map_len);
+    r->rx_ring = NULL;
+    r->rx_arena = NULL;
+}
+
 static int stream_arm_recv(Stream *s)
 {
     Ring *r = s->ring;
@@ -754,9 +874,12 @@ static int stream_arm_recv(Stream *s)
     ul_op *op = op_alloc(r, UL_STREAM_RECV);
     if (!op)
         return -1;
-    void *buf;
-    size_t len;
-    if (s->on_data) {
+    void *buf = NULL;
+    size_t len = 0;
+    int multi = !s->rx_bulk && s->on_data && rx_setup(r);
+    if (multi) {
+        op->arg = 1;
+    } else if (s->on_data) {
         op->obj = PyBytes_FromStringAndSize(NULL, STREAM_RECV_SIZE);
         if (!op->obj) {
             op_free(r, op);
@@ -789,38 +912,294 @@ static int stream_arm_recv(Stream *s)
     Py_INCREF(s);
     op->sock = (PyObject *)s;
     op->fd = s->fd;
-    io_uring_prep_recv(sqe, s->fd, buf, len, 0);
+    if (multi) {
+        io_uring_prep_recv_multishot(sqe, s->fd, NULL, 0, 0);
+        sqe->flags |= IOSQE_BUFFER_SELECT;
+        sqe->buf_group = UL_RX_BGID;
+    } else {
+        io_uring_prep_recv(sqe, s->fd, buf, len, 0);
+    }
     op_armed(r, op, sqe);
     s->recv_armed = 1;
+    s->rx_multi = (uint8_t)multi;
     s->recv_key = op_key(op);
     return 0;
 }
 
-/* Deliver n bytes that landed in op's buffer. */
+/* Hand data to a BufferedProtocol through its own buffers (data that was read
+   before the protocol became a buffered one). */
+static int feed_buffered(Stream *s, const char *p, Py_ssize_t n)
+{
+    while (n > 0 && s->get_buffer) {
+        PyObject *size = PyLong_FromSsize_t(n);
+        PyObject *target = size ? PyObject_CallOneArg(s->get_buffer, size) : NULL;
+        Py_XDECREF(size);
+        Py_buffer view;
+        if (!target || PyObject_GetBuffer(target, &view, PyBUF_WRITABLE) < 0) {
+            Py_XDECREF(target);
+            return -1;
+        }
+        Py_DECREF(target);
+        Py_ssize_t m = view.len < n ? view.len : n;
+        if (m <= 0) {
+            PyBuffer_Release(&view);
+            PyErr_SetString(PyExc_RuntimeError, "get_buffer() returned an empty buffer");
+            return -1;
+        }
+        memcpy(view.buf, p, m);
+        PyBuffer_Release(&view);
+        PyObject *count = PyLong_FromSsize_t(m);
+        PyObject *res = count ? PyObject_CallOneArg(s->buffer_updated, count) : NULL;
+        Py_XDECREF(count);
+        if (!res)
+            return -1;
+        Py_DECREF(res);
+        p += m;
+        n -= m;
+    }
+    return 0;
+}
+
+/* Give data (a bytes object) to the protocol; on error the exception is set. */
+static int stream_feed(Stream *s, PyObject *data)
+{
+    if (s->on_data) {
+        PyObject *res = PyObject_CallOneArg(s->on_data, data);
+        Py_XDECREF(res);
+        return res ? 0 : -1;
+    }
+    return feed_buffered(s, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data));
+}
+
+/* Keep data read while paused for resume_reading(), after what is already held. */
+static int stream_hold(Stream *s, PyObject *data)
+{
+    if (!s->held) {
+        Py_INCREF(data);
+        s->held = data;
+        return 0;
+    }
+    PyObject *held = s->held;
+    PyBytes_Concat(&held, data);
+    s->held = held;
+    return held ? 0 : -1;
+}
+
+/* The reading side ended with res (0 EOF, -errno): tell the transport, or keep
+   it for resume_reading() when the protocol paused (it must see held data first). */
+static void stream_read_end(Stream *s, int res)
+{
+    if (s->closed)
+        return;
+    if (!s->reading || s->held) {
+        s->held_end = res == 0 ? 1 : res;
+        return;
+    }
+    s->reading = 0;
+    if (res == 0)
+        owner_call(s, str_stream_eof, NULL);
+    else
+        owner_error(s, -res);
+}
+
+/* Deliver n bytes that landed in op's buffer (single-shot recv). */
 static void stream_deliver(Stream *s, ul_op *op, int n)
 {
     PyObject *res;
-    if (s->on_data) {
+    if (!op->has_view) {
         if (_PyBytes_Resize(&op->obj, n) < 0) {
             protocol_raised(s);
             return;
         }
-        res = PyObject_CallOneArg(s->on_data, op->obj);
-    } else {
-        PyObject *count = PyLong_FromLong(n);
-        if (!count) {
-            protocol_raised(s);
+        if (!s->reading) {
+            if (stream_hold(s, op->obj) < 0)
+                protocol_raised(s);
             return;
         }
-        /* the protocol's buffer is its own again once buffer_updated runs */
-        PyBuffer_Release(&op->view);
-        op->has_view = 0;
-        res = PyObject_CallOneArg(s->buffer_updated, count);
-        Py_DECREF(count);
+        if (stream_feed(s, op->obj) < 0)
+            protocol_raised(s);
+        return;
     }
+    /* a BufferedProtocol's own buffer: it is the protocol's again once buffer_updated runs */
+    PyBuffer_Release(&op->view);
+    op->has_view = 0;
+    if (!s->buffer_updated)
+        return; /* the protocol changed to a plain one meanwhile; it reads from now on */
+    PyObject *count = PyLong_FromLong(n);
+    if (!count) {
+        protocol_raised(s);
+        return;
+    }
+    res = PyObject_CallOneArg(s->buffer_updated, count);
+    Py_DECREF(count);
     if (!res)
         protocol_raised(s);
     Py_XDECREF(res);
+}
+
+static int rx_mark_ready(Ring *r, Stream *s)
+{
+    if (s->rx_ready)
+        return 0;
+    if (r->nrx_ready == r->caprx_ready) {
+        uint32_t ncap = r->caprx_ready ? r->caprx_ready * 2 : 64;
+        PyObject **n = PyMem_Realloc(r->rx_ready, ncap * sizeof(*n));
+        if (!n)
+            return -1;
+        r->rx_ready = n;
+        r->caprx_ready = ncap;
+    }
+    Py_INCREF(s);
+    r->rx_ready[r->nrx_ready++] = (PyObject *)s;
+    s->rx_ready = 1;
+    return 0;
+}
+
+static void rx_recycle(Ring *r, uint32_t bid, int *count)
+{
+    io_uring_buf_ring_add(r->rx_ring, r->rx_arena + (size_t)bid * r->rx_bufsize, r->rx_bufsize,
+                          bid, io_uring_buf_ring_mask(r->rx_nbufs), (*count)++);
+}
+
+static int stream_add_segment(Ring *r, Stream *s, uint32_t bid, int len)
+{
+    if (rx_mark_ready(r, s) < 0)
+        return -1;
+    if (s->nsegs == s->capsegs) {
+        uint32_t ncap = s->capsegs ? s->capsegs * 2 : 8;
+        struct rx_seg *n = PyMem_Realloc(s->segs, ncap * sizeof(*n));
+        if (!n)
+            return -1;
+        s->segs = n;
+        s->capsegs = ncap;
+    }
+    s->segs[s->nsegs].bid = bid;
+    s->segs[s->nsegs].len = (uint32_t)len;
+    s->nsegs++;
+    return 0;
+}
+
+/* One CQE of a stream's multishot recv: note the buffer, deliver after the batch. */
+static void stream_recv_multishot(Ring *r, Stream *s, ul_op *op, int res, unsigned flags)
+{
+    r->rx_cqes++;
+    if (flags & IORING_CQE_F_BUFFER) {
+        uint32_t bid = flags >> IORING_CQE_BUFFER_SHIFT;
+        if (res <= 0 || s->closed || stream_add_segment(r, s, bid, res) < 0) {
+            int c = 0;
+            rx_recycle(r, bid, &c);
+            io_uring_buf_ring_advance(r->rx_ring, c);
+            if (res > 0 && !s->closed)
+                owner_error(s, ENOMEM); /* data we cannot keep: the stream cannot go on intact */
+        }
+    }
+    if (flags & IORING_CQE_F_MORE)
+        return;
+    op->armed = 0;
+    r->inflight--;
+    if (op_key(op) == s->recv_key)
+        s->recv_armed = 0;
+    if (res == -ENOBUFS)
+        r->rx_enobufs++;
+    if (!s->closed) {
+        if (rx_mark_ready(r, s) == 0) {
+            s->rx_ended = 1;
+            s->rx_res = res > 0 ? -EAGAIN : res; /* ended after data (CQ overflow): read on */
+        } else {
+            owner_error(s, ENOMEM);
+        }
+    }
+    op_free(r, op);
+}
+
+/* Copy this batch's segments into bytes objects of at most rx_merge_max bytes
+   (one unless a lot arrived), give every buffer back, then feed them in order. */
+static void rx_deliver_one(Ring *r, Stream *s)
+{
+    PyObject *chunks[UL_RX_NBUFS];
+    uint32_t nchunks = 0, i = 0, k;
+    int failed = 0;
+    Py_ssize_t batch = 0;
+    s->rx_ready = 0;
+    for (k = 0; k < s->nsegs; k++)
+        batch += s->segs[k].len;
+    if (batch >= RX_BULK && !s->rx_bulk && !s->closed) {
+        /* streaming: read the rest with single-shot recv (the multishot ends with
+           -ECANCELED and is re-armed as single-shot below) */
+        s->rx_bulk = 1;
+        if (s->recv_armed && s->rx_multi && stream_cancel_key(s, s->recv_key) < 0)
+            PyErr_WriteUnraisable(s->owner);
+    }
+    while (i < s->nsegs) {
+        Py_ssize_t total = 0;
+        uint32_t j = i;
+        do {
+            total += s->segs[j++].len;
+        } while (j < s->nsegs && total + s->segs[j].len <= RX_MERGE_MAX);
+        PyObject *data = NULL;
+        if (!s->closed && !failed && !(data = PyBytes_FromStringAndSize(NULL, total)))
+            failed = 1;
+        char *p = data ? PyBytes_AS_STRING(data) : NULL;
+        int c = 0;
+        for (; i < j; i++) {
+            if (p) {
+                memcpy(p, r->rx_arena + (size_t)s->segs[i].bid * r->rx_bufsize, s->segs[i].len);
+                p += s->segs[i].len;
+            }
+            rx_recycle(r, s->segs[i].bid, &c);
+        }
+        io_uring_buf_ring_advance(r->rx_ring, c);
+        if (data)
+            chunks[nchunks++] = data;
+    }
+    s->nsegs = 0;
+    if (nchunks)
+        r->rx_deliveries++;
+    for (k = 0; k < nchunks; k++) {
+        int rc = 0;
+        if (!s->closed && !failed)
+            rc = s->reading && !s->held ? stream_feed(s, chunks[k]) : stream_hold(s, chunks[k]);
+        Py_DECREF(chunks[k]);
+        if (rc < 0)
+            failed = 1;
+    }
+    if (failed && !s->closed) {
+        protocol_raised(s); /* the protocol raised, or MemoryError: cannot go on intact */
+        s->rx_ended = 0;
+        return;
+    }
+    if (!s->rx_ended || s->closed) {
+        s->rx_ended = 0;
+        return;
+    }
+    s->rx_ended = 0;
+    int res = s->rx_res;
+    if (res == 0 || (res != -ENOBUFS && res != -ECANCELED && res != -EAGAIN)) {
+        stream_read_end(s, res);
+    } else if (stream_arm_recv(s) < 0) {
+        protocol_raised(s);
+    }
+}
+
+static void rx_deliver_ready(Ring *r)
+{
+    /* Take the list: a protocol callback may receive on other streams' behalf
+       (nothing is reaped meanwhile, but arming may grow a new list). */
+    PyObject **list = r->rx_ready;
+    uint32_t n = r->nrx_ready, cap = r->caprx_ready;
+    r->rx_ready = NULL;
+    r->nrx_ready = r->caprx_ready = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        Stream *s = (Stream *)list[i];
+        rx_deliver_one(r, s);
+        Py_DECREF(s);
+    }
+    if (r->rx_ready == NULL) {
+        r->rx_ready = list;
+        r->caprx_ready = cap;
+    } else {
+        PyMem_Free(list);
+    }
 }
 
 static void stream_maybe_resume_writing(Stream *s)
@@ -982,38 +1361,33 @@ static void stream_complete(Ring *r, ul_op *op, int res, unsigned flags)
     Py_INCREF(s); /* the record's reference goes with op_free */
     switch (op->kind) {
     case UL_STREAM_RECV:
+        if (op->arg) {
+            stream_recv_multishot(r, s, op, res, flags);
+            Py_DECREF(s);
+            return;
+        }
         op->armed = 0;
         r->inflight--;
         if (op_key(op) == s->recv_key)
             s->recv_armed = 0;
-        if (s->closed) {
+        if (s->closed)
             break;
-        } else if (op->cancelled) {
-            /* pause_reading() raced with data: keep it for resume_reading() */
-            if (res > 0 && s->on_data && _PyBytes_Resize(&op->obj, res) == 0) {
-                Py_XSETREF(s->held, op->obj);
-                op->obj = NULL;
-            } else if (res > 0) {
-                stream_deliver(s, op, res);
-            } else if (res == 0) {
-                s->reading = 0;
-                owner_call(s, str_stream_eof, NULL);
-            }
-        } else if (res > 0) {
+        if (res > 0) {
+            if (res < RX_SMALL)
+                s->rx_bulk = 0; /* not streaming (any more): back to multishot */
+            /* data also comes with a cancel that lost the race to pause_reading():
+               stream_deliver() keeps it for resume_reading() */
             stream_deliver(s, op, res);
-            op_free(r, op);
-            if (stream_arm_recv(s) < 0)
-                protocol_raised(s);
-            Py_DECREF(s);
-            return;
-        } else if (res == 0) {
-            s->reading = 0;
-            owner_call(s, str_stream_eof, NULL);
         } else if (res != -ECANCELED) {
-            s->reading = 0;
-            owner_error(s, -res);
+            stream_read_end(s, res);
+            break;
         }
-        break;
+        op_free(r, op);
+        /* reading, or resumed before the cancel completed: read on */
+        if (s->reading && !s->closed && stream_arm_recv(s) < 0)
+            protocol_raised(s);
+        Py_DECREF(s);
+        return;
     case UL_STREAM_SEND:
         op->armed = 0;
         r->inflight--;
@@ -1282,13 +1656,18 @@ static PyObject *Stream_start_reading(Stream *s, PyObject *unused)
         /* data a recv brought in while paused goes first */
         PyObject *held = s->held;
         s->held = NULL;
-        PyObject *res = s->on_data ? PyObject_CallOneArg(s->on_data, held) : NULL;
+        int rc = stream_feed(s, held);
         Py_DECREF(held);
-        if (!res)
+        if (rc < 0)
             return NULL;
-        Py_DECREF(res);
         if (!s->reading || s->closed)
             Py_RETURN_NONE;
+    }
+    if (s->held_end) {
+        int end = s->held_end;
+        s->held_end = 0;
+        stream_read_end(s, end == 1 ? 0 : end);
+        Py_RETURN_NONE;
     }
     if (stream_arm_recv(s) < 0)
         return NULL;
@@ -1349,6 +1728,7 @@ static PyObject *Stream_close_now(Stream *s, PyObject *unused)
     }
     Py_CLEAR(s->wbuf);
     Py_CLEAR(s->held);
+    s->held_end = 0;
     if (PyList_SetSlice(s->queue, 0, PyList_GET_SIZE(s->queue), NULL) < 0)
         return NULL;
     s->queued = 0;
@@ -1414,6 +1794,7 @@ static void Stream_dealloc(Stream *s)
        freed once none of its requests is outstanding. */
     PyObject_GC_UnTrack(s);
     Stream_clear(s);
+    PyMem_Free(s->segs); /* a stream with segments is on the ready list, so none are left */
     Py_CLEAR(s->ring);
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
@@ -1480,6 +1861,7 @@ static int Ring_traverse(Ring *r, visitproc visit, void *arg)
     Py_VISIT(r->owner);
     Py_VISIT(r->orphan_cb);
     Py_VISIT(r->events);
+    Py_VISIT(r->escaping);
     for (uint32_t i = 1; i < r->nops; i++) {
         ul_op *op = r->ops[i];
         Py_VISIT(op->fut);
@@ -1495,6 +1877,7 @@ static int Ring_clear_refs(Ring *r)
        operations stay held until their final CQE (see Ring.close). */
     Py_CLEAR(r->orphan_cb);
     Py_CLEAR(r->events);
+    Py_CLEAR(r->escaping);
     return 0;
 }
 
@@ -1513,6 +1896,10 @@ static void Ring_dealloc(Ring *r)
         for (i = 0; i < r->ndirty; i++)
             Py_DECREF(r->dirty[i]);
         PyMem_Free(r->dirty);
+        for (i = 0; i < r->nrx_ready; i++)
+            Py_DECREF(r->rx_ready[i]);
+        PyMem_Free(r->rx_ready);
+        rx_teardown(r, 0);
         Py_CLEAR(r->owner);
     }
     /* else: the kernel may still write into buffers the records hold; leak
@@ -1579,6 +1966,13 @@ static PyObject *Ring_wait(Ring *r, PyObject *arg)
         }
     }
     reap(r);
+    if (r->escaping) {
+        PyObject *exc = r->escaping;
+        r->escaping = NULL;
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+        return NULL;
+    }
     if (ret == -EINTR && PyErr_CheckSignals() < 0)
         return NULL;
     if (PyList_GET_SIZE(r->events) == 0)
@@ -1946,6 +2340,8 @@ static PyObject *Ring_close(Ring *r, PyObject *arg)
     r->ndirty = 0;
     uint32_t pinned = memory_backed_inflight(r);
     r->drained = pinned == 0;
+    if (r->drained)
+        rx_teardown(r, 1); /* no recv can pick from the buffer ring any more */
     return PyLong_FromUnsignedLong(pinned);
 }
 
@@ -1954,9 +2350,11 @@ static PyObject *Ring_stats(Ring *r, PyObject *unused)
     uint32_t live = 0;
     for (uint32_t i = 1; i < r->nops; i++)
         live += r->ops[i]->kind != UL_FREE;
-    return Py_BuildValue("{sKsKsKsKsIsI}", "enters", r->n_enter, "cqes", r->n_cqe, "sqes",
-                         r->n_sqe, "stray_cqes", r->n_stray, "inflight", r->inflight, "records",
-                         live);
+    return Py_BuildValue("{sKsKsKsKsIsIsKsKsKsO}", "enters", r->n_enter, "cqes", r->n_cqe,
+                         "sqes", r->n_sqe, "stray_cqes", r->n_stray, "inflight", r->inflight,
+                         "records", live, "recv_multishot_cqes", r->rx_cqes, "recv_deliveries",
+                         r->rx_deliveries, "recv_enobufs", r->rx_enobufs, "recv_buffer_ring",
+                         r->rx_state > 0 ? Py_True : Py_False);
 }
 
 static PyObject *Ring_zerocopy_stats(Ring *r, PyObject *unused)
@@ -1966,6 +2364,20 @@ static PyObject *Ring_zerocopy_stats(Ring *r, PyObject *unused)
                          r->zc_copied, "copy_fallback_sockets", r->copy_fallback, "copy_sends",
                          r->copy_sends, "copy_bytes", r->copy_bytes, "pinned_buffers",
                          r->pinned_buffers, "pinned_bytes", r->pinned_bytes);
+}
+
+static PyObject *Ring_get_rx_allowed(Ring *r, void *closure) { return PyBool_FromLong(r->rx_allowed); }
+
+static int Ring_set_rx_allowed(Ring *r, PyObject *v, void *closure)
+{
+    int t = v ? PyObject_IsTrue(v) : -1;
+    if (t < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "cannot delete recv_multishot");
+        return -1;
+    }
+    r->rx_allowed = t;
+    return 0;
 }
 
 static PyObject *Ring_get_zc_supported(Ring *r, void *closure) { return PyBool_FromLong(r->zc_supported); }
@@ -2039,6 +2451,9 @@ static PyGetSetDef Ring_getset[] = {
     {"closed", (getter)Ring_get_closed, NULL, NULL},
     {"zc_supported", (getter)Ring_get_zc_supported, (setter)Ring_set_zc_supported,
      "whether stream transports may use SEND_ZC (set after probing)"},
+    {"recv_multishot", (getter)Ring_get_rx_allowed, (setter)Ring_set_rx_allowed,
+     "whether stream transports may read with multishot recv from a buffer ring (set after "
+     "probing)"},
     {"inflight", (getter)Ring_get_inflight, NULL, "requests the kernel still owns"},
     {"orphan_callback", (getter)Ring_get_orphan_cb, (setter)Ring_set_orphan_cb,
      "orphan_callback(sock, data) receives data read by a recv that was cancelled meanwhile"},

@@ -541,3 +541,92 @@ async def test_server_accepts_many_connections_and_stops_on_close(fd_leak_check)
     await server.wait_closed()
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection(*addr)
+
+
+# ------------------------------------------------------------ receive path
+
+
+class PausingCollector(Collector):
+    """Pauses reading after each data_received; the test resumes it."""
+
+    def data_received(self, data):
+        super().data_received(data)
+        self.transport.pause_reading()
+
+
+@pytest.mark.asyncio
+async def test_data_and_eof_while_paused_arrive_in_order_after_resume(fd_leak_check):
+    srv, server_p, client_p = await connected_pair(server_proto=PausingCollector)
+    payload = random.Random(3).randbytes(3 << 20)
+    client_p.transport.write(payload)
+    client_p.transport.write_eof()
+    server_p.keep_open_on_eof = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while not server_p.eof:
+        assert loop.time() < deadline, len(server_p.data)
+        # EOF must not overtake data that was read before the protocol paused
+        assert len(server_p.data) < len(payload) or not server_p.eof
+        await asyncio.sleep(0.001)
+        server_p.transport.resume_reading()
+    assert bytes(server_p.data) == payload
+    await close_all(srv, client_p, server_p)
+
+
+@pytest.mark.asyncio
+async def test_pause_and_resume_in_one_iteration_loses_nothing(fd_leak_check):
+    srv, server_p, client_p = await connected_pair()
+    h = hashlib.sha256()
+    total = 0
+    rnd = random.Random(5)
+    for _ in range(200):
+        chunk = rnd.randbytes(rnd.choice([10, 1000, 20000]))
+        client_p.transport.write(chunk)
+        h.update(chunk)
+        total += len(chunk)
+        server_p.transport.pause_reading()
+        await asyncio.sleep(0)
+        server_p.transport.resume_reading()
+    await wait_for_len(server_p, total)
+    assert hashlib.sha256(server_p.data).digest() == h.digest()
+    await close_all(srv, client_p, server_p)
+
+
+@pytest.mark.parametrize("multishot", [True, False], ids=["multishot", "single-shot"])
+def test_both_receive_modes_deliver_mixed_sizes_intact(multishot):
+    loop = uringloop.new_event_loop(recv_multishot=multishot)
+    _run_on(loop, _integrity(socket.AF_INET, None, 3, seed=11))
+
+
+def test_multishot_receive_merges_a_batch_into_one_call():
+    if not uringloop.probe().recv_multishot:
+        pytest.skip("the kernel has no multishot recv")
+    loop = uringloop.new_event_loop(recv_multishot=True)
+
+    async def main():
+        srv, server_p, client_p = await connected_pair()
+        calls = 0
+        original = server_p.data_received
+
+        def counting(data):
+            nonlocal calls
+            calls += 1
+            original(data)
+
+        server_p.data_received = counting
+        server_p.transport.set_protocol(server_p)  # re-read data_received
+        sent = 0
+        for i in range(300):
+            client_p.transport.write(b"%05d" % i)  # one small send each iteration
+            sent += 5
+            await asyncio.sleep(0)
+        await wait_for_len(server_p, sent)
+        assert bytes(server_p.data) == b"".join(b"%05d" % i for i in range(300))
+        info = loop.ring_info()
+        await close_all(srv, client_p, server_p)
+        return info, calls
+
+    info, calls = _run_on(loop, main())
+    assert info["recv_buffer_ring"] is True
+    assert info["recv_multishot_cqes"] >= calls > 0
+    assert info["recv_deliveries"] <= info["recv_multishot_cqes"]

@@ -36,9 +36,21 @@ _T = TypeVar("_T")
 logger = logging.getLogger("uringloop")
 
 
-def new_event_loop() -> UringEventLoop:
-    """Return a new io_uring event loop; raises UringUnavailableError without io_uring."""
-    return UringEventLoop()
+def new_event_loop(
+    *,
+    setup: str | None = None,
+    zerocopy: str | None = None,
+    zc_threshold: int | None = None,
+    recv_multishot: bool | None = None,
+) -> UringEventLoop:
+    """Return a new io_uring event loop; raises UringUnavailableError without io_uring.
+
+    The keyword options are those of `UringEventLoop`; by default each comes from its
+    environment variable or the probe.
+    """
+    return UringEventLoop(
+        setup=setup, zerocopy=zerocopy, zc_threshold=zc_threshold, recv_multishot=recv_multishot
+    )
 
 
 def _require_from_env() -> bool:

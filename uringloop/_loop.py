@@ -179,6 +179,11 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
     ``setup`` picks the ring's set-up flags: ``"auto"`` (the default, or the
     ``URINGLOOP_RING_SETUP`` environment variable) tries SINGLE_ISSUER|DEFER_TASKRUN
     first and steps down on EINVAL; ``"defer"``, ``"coop"`` and ``"plain"`` force a rung.
+    ``zerocopy`` (``"auto"``, ``"always"``, ``"never"``; ``URINGLOOP_ZEROCOPY``) and
+    ``zc_threshold`` (bytes; ``URINGLOOP_ZC_THRESHOLD``) decide which writes use SEND_ZC.
+    ``recv_multishot`` (default: where the kernel has it; ``URINGLOOP_RECV_MULTISHOT=0``
+    turns it off) makes stream transports read with one multishot recv from a shared
+    buffer ring instead of one recv per read.
     Raises `uringloop.UringUnavailableError` when io_uring cannot be used.
     """
 
@@ -188,6 +193,7 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         setup: str | None = None,
         zerocopy: str | None = None,
         zc_threshold: int | None = None,
+        recv_multishot: bool | None = None,
     ) -> None:
         try:
             zerocopy, zc_threshold = _zerocopy_options(zerocopy, zc_threshold)
@@ -207,6 +213,9 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         if zerocopy != "never":
             self._ring.zc_supported = features.send_zc and features.send_zc_report_usage
         self._multishot_accept = features.multishot_accept
+        if recv_multishot is None:
+            recv_multishot = os.environ.get("URINGLOOP_RECV_MULTISHOT", "1") != "0"
+        self._ring.recv_multishot = bool(recv_multishot) and features.recv_multishot
         self._acceptors: dict[int, int | None] = {}
         self._orphaned: dict[int, tuple[weakref.ref, bytearray]] = {}
         try:
