@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import os
+import socket
 import sys
 
 from .loops import LOOPS, VARIANTS, loop_factory
