@@ -26,7 +26,7 @@ system-deps:
 	fi
 
 # venv-<name>: PY=<interpreter>
-.venv-%/ready: pyproject.toml setup.py native/build_uring.py native/dataplane.c native/dataplane.h native/compat.h | system-deps
+.venv-%/ready: pyproject.toml setup.py native/build_uring.py native/dataplane.c native/dataplane.h native/compat.h native/bufpool.c native/bufpool.h | system-deps
 	@test -n "$(PY)" || { echo "no interpreter for $*: set PY=/path/to/python"; exit 1; }
 	$(PY) -m venv .venv-$*
 	.venv-$*/bin/pip install -q --upgrade pip
@@ -63,7 +63,8 @@ test-asan: system-deps
 		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:verify_asan_link_order=0 \
 		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 URINGLOOP_EXPECT_SANITIZERS=1 \
 		../.venv-asan/bin/python -m pytest -p no:cacheprovider -k "uringloop or not (asyncio or uvloop)" \
-		test_ring.py test_sock_api.py test_loop_api.py test_entrypoints.py test_transports.py
+		test_ring.py test_sock_api.py test_loop_api.py test_entrypoints.py test_transports.py \
+		test_servers.py test_zerocopy_buffers.py
 
 test: test-311 test-313 test-asan
 

@@ -19,8 +19,8 @@ setup(
     ext_modules=[
         Extension(
             "uringloop._dataplane",
-            sources=["native/dataplane.c"],
-            depends=["native/dataplane.h"],
+            sources=["native/dataplane.c", "native/bufpool.c"],
+            depends=["native/dataplane.h", "native/bufpool.h", "native/compat.h"],
             libraries=["uring"],
             extra_compile_args=dataplane_compile_args(),
             extra_link_args=os.environ.get("URINGLOOP_LDFLAGS", "").split(),

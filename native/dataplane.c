@@ -30,6 +30,8 @@
  *   bumps a generation; every entry point refuses in the child.
  */
 #include "dataplane.h"
+#include <structmember.h>
+#include "bufpool.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -87,13 +89,49 @@ typedef struct {
     /* KeyboardInterrupt/SystemExit raised by a callback run from the batch: wait()
        raises it once the batch is done, so it escapes the loop as in asyncio */
     PyObject *escaping;
+    /* loop.alloc_zerocopy_buffer(): the registered arena, made at the first call */
+    PyObject *pool;          /* BufferPool, or NULL */
+    Py_ssize_t pool_size;    /* bytes to try to register (set by the loop) */
+    unsigned long long fixed_sends;
+    /* the loop-wide bound on memory lent to the kernel by SEND_ZC; streams paused
+       because of it wait here for notifications to bring the total back down */
+    Py_ssize_t pinned_limit;
+    Py_ssize_t stream_pinned_limit; /* the same bound per stream transport */
+    PyObject **pin_waiters;
+    uint32_t npin_waiters, cappin_waiters;
 } Ring;
+
+/* The registered arena behind ZeroCopyBuffer objects (see "zero-copy buffers"). */
+typedef struct {
+    PyObject_HEAD
+    struct bufpool arena; /* empty (base NULL) when nothing could be registered */
+    int registered;       /* the arena is the ring's fixed buffer 0 */
+    Ring *ring;           /* only compared against, never dereferenced: not a reference */
+    PyObject *loop;       /* makes the `released` futures */
+    Py_ssize_t own_mappings; /* bytes of buffers that did not fit the arena */
+} BufferPool;
+
+typedef struct {
+    PyObject_HEAD
+    BufferPool *pool;
+    char *base;
+    Py_ssize_t len;
+    uint8_t in_arena;
+    Py_ssize_t lends;   /* requests (and queued writes) the memory is lent to */
+    PyObject *released; /* future for the end of the current lend, made on demand */
+} ZeroCopyBuffer;
 
 static void rx_deliver_ready(Ring *r);
 static void callback_failed(Ring *r, PyObject *where);
 
 static void stream_complete(Ring *r, ul_op *op, int res, unsigned flags);
 static void flush_dirty(Ring *r);
+
+static PyTypeObject ZeroCopyBufferType;
+static void zcbuf_lend(PyObject *obj);
+static void zcbuf_unlend(PyObject *obj);
+#define IS_ZCBUF(o) (Py_IS_TYPE((o), &ZeroCopyBufferType))
+static void pins_released(Ring *r);
 
 /* ---------------------------------------------------------------- records */
 
@@ -179,6 +217,8 @@ static void op_free(Ring *r, ul_op *op)
         op->iov = NULL;
         op->niov = 0;
     }
+    if (op->obj && IS_ZCBUF(op->obj))
+        zcbuf_unlend(op->obj); /* the request that borrowed it is over */
     Py_CLEAR(op->fut);
     Py_CLEAR(op->obj);
     Py_CLEAR(op->sock);
@@ -228,6 +268,12 @@ static int ring_enable(Ring *r)
 /* Returns an SQE to fill, flushing the SQ to the kernel when it is full. */
 static struct io_uring_sqe *get_sqe(Ring *r)
 {
+    if (r->closed) {
+        /* io_uring_queue_exit() unmapped the SQ: a late pause_reading() or cancel
+           from a transport that outlived its loop must not touch it */
+        PyErr_SetString(PyExc_RuntimeError, "the io_uring ring is closed");
+        return NULL;
+    }
     struct io_uring_sqe *sqe = io_uring_get_sqe(r->ring);
     if (sqe) {
         r->n_sqe++;
@@ -486,20 +532,20 @@ static void complete_op(Ring *r, ul_op *op, int res, unsigned flags)
         /* first CQE: remember the result; the memory is the kernel's until the notification */
         op->done = res < 0 ? 0 : (size_t)res;
         op->arg = res < 0 ? (unsigned)-res : 0;
-        if (res > 0) {
-            r->zc_sends++;
+        if (res > 0)
             r->zc_bytes += res;
-        }
         if (flags & IORING_CQE_F_MORE) {
             op->notif = 1;
             return;
         }
         unpin(r, op); /* no notification will follow */
+        pins_released(r);
     } else if (op->kind == UL_SENDZC) {
         r->zc_notifications++;
         if ((unsigned)res & IORING_NOTIF_USAGE_ZC_COPIED)
             r->zc_copied++;
         unpin(r, op);
+        pins_released(r);
     }
     op->armed = 0;
     r->inflight--;
@@ -734,6 +780,7 @@ typedef struct {
     uint8_t zc, zc_forced, copied_streak, notify_flushed;
     /* multishot receive: this batch's ring buffers, delivered together by rx_deliver_ready */
     uint8_t rx_multi, rx_ready, rx_ended, rx_bulk;
+    uint8_t pin_waiting; /* on the ring's pin_waiters list */
     int rx_res;   /* the ended recv's final result (0 EOF, -errno) */
     int held_end; /* while paused: 1 EOF, -errno an error, to report after the held data */
     struct rx_seg {
@@ -1202,9 +1249,17 @@ static void rx_deliver_ready(Ring *r)
     }
 }
 
+/* Whether s holds memory lent to the kernel while the loop as a whole is over its bound. */
+static int stream_over_loop_pinned(Stream *s)
+{
+    Ring *r = s->ring;
+    return s->pinned > 0 && r->pinned_limit > 0 && r->pinned_bytes > r->pinned_limit;
+}
+
 static void stream_maybe_resume_writing(Stream *s)
 {
-    if (s->write_paused && s->queued <= s->low && s->pinned <= s->pinned_high) {
+    if (s->write_paused && s->queued <= s->low && s->pinned <= s->pinned_high &&
+        !stream_over_loop_pinned(s)) {
         s->write_paused = 0;
         owner_call(s, str_resume_protocol, NULL);
     }
@@ -1212,24 +1267,80 @@ static void stream_maybe_resume_writing(Stream *s)
 
 static void stream_maybe_pause_writing(Stream *s)
 {
-    if (!s->write_paused && (s->queued > s->high || s->pinned > s->pinned_high)) {
+    if (s->write_paused)
+        return;
+    int loop_bound = stream_over_loop_pinned(s);
+    if (s->queued > s->high || s->pinned > s->pinned_high || loop_bound) {
+        if (loop_bound && !s->pin_waiting) {
+            /* its own notifications may all be in before the loop's total drops */
+            Ring *r = s->ring;
+            if (r->npin_waiters == r->cappin_waiters) {
+                uint32_t ncap = r->cappin_waiters ? r->cappin_waiters * 2 : 16;
+                PyObject **n = PyMem_Realloc(r->pin_waiters, ncap * sizeof(*n));
+                if (!n) {
+                    PyErr_WriteUnraisable(s->owner);
+                    return;
+                }
+                r->pin_waiters = n;
+                r->cappin_waiters = ncap;
+            }
+            Py_INCREF(s);
+            r->pin_waiters[r->npin_waiters++] = (PyObject *)s;
+            s->pin_waiting = 1;
+        }
         s->write_paused = 1;
         owner_call(s, str_pause_protocol, NULL);
     }
+}
+
+/* Memory came back from the kernel: streams paused on the loop-wide bound may go on. */
+static void pins_released(Ring *r)
+{
+    if (!r->npin_waiters || (r->pinned_limit > 0 && r->pinned_bytes > r->pinned_limit))
+        return;
+    PyObject **list = r->pin_waiters;
+    uint32_t n = r->npin_waiters;
+    r->pin_waiters = NULL; /* resuming may pause and wait again: on a new list */
+    r->npin_waiters = r->cappin_waiters = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        Stream *s = (Stream *)list[i];
+        s->pin_waiting = 0;
+        if (!s->closed)
+            stream_maybe_resume_writing(s);
+        Py_DECREF(s);
+    }
+    PyMem_Free(list);
 }
 
 /* Whether len bytes of payload go out with SEND_ZC: only immutable bytes (the kernel
    reads the object's own memory), only when large enough to pay for the notification. */
 static int stream_is_zc_payload(Stream *s, PyObject *payload, Py_ssize_t len)
 {
-    return s->zc && s->ring->zc_supported && PyBytes_CheckExact(payload) &&
-           len >= s->zc_threshold;
+    if (!s->zc || !s->ring->zc_supported)
+        return 0;
+    /* a ZeroCopyBuffer was made for SEND_ZC: whatever its size */
+    return IS_ZCBUF(payload) || (PyBytes_CheckExact(payload) && len >= s->zc_threshold);
 }
 
 static Py_ssize_t payload_size(PyObject *payload)
 {
-    return PyBytes_CheckExact(payload) ? PyBytes_GET_SIZE(payload) : PyByteArray_GET_SIZE(payload);
+    if (PyBytes_CheckExact(payload))
+        return PyBytes_GET_SIZE(payload);
+    if (IS_ZCBUF(payload))
+        return ((ZeroCopyBuffer *)payload)->len;
+    return PyByteArray_GET_SIZE(payload);
 }
+
+/* Drop the first n payloads from the queue; each gives back the lend write() took. */
+static int queue_drop(Stream *s, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        zcbuf_unlend(PyList_GET_ITEM(s->queue, i));
+    return PyList_SetSlice(s->queue, 0, n, NULL);
+}
+
+static void prep_send_zc_payload(Ring *r, struct io_uring_sqe *sqe, int fd, PyObject *payload,
+                                 char *base, size_t len);
 
 /* Put payload[offset:] into the kernel as one send. */
 static int stream_submit(Stream *s, PyObject *payload, Py_ssize_t offset)
@@ -1252,14 +1363,14 @@ static int stream_submit(Stream *s, PyObject *payload, Py_ssize_t offset)
     }
     Py_INCREF(payload);
     op->obj = payload;
+    zcbuf_lend(payload);
     Py_INCREF(s);
     op->sock = (PyObject *)s;
     op->fd = s->fd;
     op->done = (size_t)offset;
     char *base = (char *)op->view.buf + offset;
     if (zc) {
-        io_uring_prep_send_zc(sqe, s->fd, base, total - offset, MSG_NOSIGNAL,
-                              IORING_SEND_ZC_REPORT_USAGE);
+        prep_send_zc_payload(r, sqe, s->fd, payload, base, total - offset);
         pin(r, op, total - offset);
         s->pinned += total - offset;
         r->zc_sends++;
@@ -1305,7 +1416,7 @@ static int stream_submit_vectored(Stream *s, Py_ssize_t n)
         op_free(r, op);
         return -1;
     }
-    if (PyList_SetSlice(s->queue, 0, n, NULL) < 0) {
+    if (queue_drop(s, n) < 0) {
         io_uring_prep_nop(sqe);
         io_uring_sqe_set_data64(sqe, UL_IGNORE);
         op_free(r, op);
@@ -1339,8 +1450,8 @@ static void stream_send_next(Stream *s)
     Py_ssize_t nplain = 0, qlen = PyList_GET_SIZE(s->queue);
     while (nplain < qlen && nplain < STREAM_MAX_IOV) {
         PyObject *p = PyList_GET_ITEM(s->queue, nplain);
-        if (stream_is_zc_payload(s, p, payload_size(p)))
-            break;
+        if (IS_ZCBUF(p) || stream_is_zc_payload(s, p, payload_size(p)))
+            break; /* one request each: they are lent, and released, one by one */
         nplain++;
     }
     if (nplain > 1) {
@@ -1348,11 +1459,9 @@ static void stream_send_next(Stream *s)
             PyErr_WriteUnraisable(s->owner);
         return;
     }
-    PyObject *payload = PyList_GET_ITEM(s->queue, 0);
-    Py_INCREF(payload);
-    if (PySequence_DelItem(s->queue, 0) < 0 || stream_submit(s, payload, 0) < 0)
+    /* submit before dropping it from the queue: a ZeroCopyBuffer stays lent throughout */
+    if (stream_submit(s, PyList_GET_ITEM(s->queue, 0), 0) < 0 || queue_drop(s, 1) < 0)
         PyErr_WriteUnraisable(s->owner);
-    Py_DECREF(payload);
 }
 
 static void stream_complete(Ring *r, ul_op *op, int res, unsigned flags)
@@ -1437,6 +1546,7 @@ static void stream_complete(Ring *r, ul_op *op, int res, unsigned flags)
                 stream_maybe_resume_writing(s);
             else if (s->pinned == 0 && s->owner)
                 owner_call(s, str_stream_unpinned, NULL); /* the socket may close now */
+            pins_released(r);
             Py_DECREF(s);
             return;
         }
@@ -1454,11 +1564,13 @@ static void stream_complete(Ring *r, ul_op *op, int res, unsigned flags)
         }
         if (!s->closed) {
             if (res < 0) {
-                if (res == -EOPNOTSUPP && op->done == 0) {
-                    /* AF_UNIX and friends refuse zero-copy: send this and later ones plainly */
+                if (res == -EOPNOTSUPP || res == -ENOMEM) {
+                    /* AF_UNIX and friends refuse zero-copy (EOPNOTSUPP); RLIMIT_MEMLOCK
+                       caps memory pinned for it (ENOMEM). Nothing of this request went
+                       out: send it, and later ones, plainly. */
                     s->zc = 0;
                     r->copy_fallback++;
-                    if (stream_submit(s, op->obj, 0) < 0)
+                    if (stream_submit(s, op->obj, op->done) < 0)
                         PyErr_WriteUnraisable(s->owner);
                 } else {
                     owner_error(s, -res);
@@ -1475,8 +1587,10 @@ static void stream_complete(Ring *r, ul_op *op, int res, unsigned flags)
                 }
             }
         }
-        if (!op->notif)
+        if (!op->notif) {
             op_free(r, op);
+            pins_released(r);
+        }
         Py_DECREF(s);
         return;
     default:
@@ -1557,7 +1671,7 @@ static int Stream_init(Stream *s, PyObject *args, PyObject *kwds)
         return -1;
     s->high = 64 * 1024;
     s->low = 16 * 1024;
-    s->pinned_high = 4 * 1024 * 1024;
+    s->pinned_high = ((Ring *)ring)->stream_pinned_limit;
     s->zc_threshold = threshold;
     s->zc = threshold >= 0;
     s->zc_forced = forced; /* "always": keep SEND_ZC even where the kernel reports copies */
@@ -1592,7 +1706,8 @@ static PyObject *Stream_set_protocol(Stream *s, PyObject *args)
 
 static PyObject *Stream_write(Stream *s, PyObject *data)
 {
-    if (!PyBytes_Check(data) && !PyByteArray_Check(data) && !PyMemoryView_Check(data)) {
+    if (!PyBytes_Check(data) && !PyByteArray_Check(data) && !PyMemoryView_Check(data) &&
+        !IS_ZCBUF(data)) {
         PyErr_Format(PyExc_TypeError, "data argument must be a bytes-like object, not '%.100s'",
                      Py_TYPE(data)->tp_name);
         return NULL;
@@ -1604,11 +1719,11 @@ static PyObject *Stream_write(Stream *s, PyObject *data)
     if (s->closed)
         Py_RETURN_NONE; /* the connection is gone; asyncio drops such writes too */
     Py_ssize_t len;
-    if (PyBytes_CheckExact(data)) {
-        len = PyBytes_GET_SIZE(data);
+    if (PyBytes_CheckExact(data) || IS_ZCBUF(data)) {
+        len = payload_size(data);
         if (len == 0)
             Py_RETURN_NONE;
-        if (len >= STREAM_DIRECT_MIN || (s->zc && len >= s->zc_threshold)) {
+        if (IS_ZCBUF(data) || len >= STREAM_DIRECT_MIN || (s->zc && len >= s->zc_threshold)) {
             /* immutable and large: sent from its own memory, after what is already batched */
             if (s->wbuf && PyByteArray_GET_SIZE(s->wbuf) > 0) {
                 if (PyList_Append(s->queue, s->wbuf) < 0)
@@ -1617,6 +1732,7 @@ static PyObject *Stream_write(Stream *s, PyObject *data)
             }
             if (PyList_Append(s->queue, data) < 0)
                 return NULL;
+            zcbuf_lend(data); /* lent from now until the kernel lets go of it */
             goto queued;
         }
     }
@@ -1729,7 +1845,7 @@ static PyObject *Stream_close_now(Stream *s, PyObject *unused)
     Py_CLEAR(s->wbuf);
     Py_CLEAR(s->held);
     s->held_end = 0;
-    if (PyList_SetSlice(s->queue, 0, PyList_GET_SIZE(s->queue), NULL) < 0)
+    if (queue_drop(s, PyList_GET_SIZE(s->queue)) < 0)
         return NULL;
     s->queued = 0;
     s->notify_flushed = 0;
@@ -1834,6 +1950,310 @@ static PyTypeObject StreamType = {
     .tp_getset = Stream_getset,
 };
 
+/* ------------------------------------------------------------ zero-copy buffers
+ *
+ * loop.alloc_zerocopy_buffer(size) hands out a ZeroCopyBuffer: writable memory
+ * the application fills in place, carved from one arena registered with the
+ * ring (io_uring_register_buffers, fixed buffer 0). Written to a transport, or
+ * given to sock_sendzc(), it goes out with SEND_ZC on the fixed buffer: no copy,
+ * and no per-request page pinning or memlock charge.
+ *
+ * From write() until the kernel's last completion for it, a buffer is *lent*:
+ * new exports of it are read-only, and its `released` future resolves when the
+ * last lend ends (the notification CQE of a SEND_ZC; the final CQE of a plain
+ * send where the route copies anyway). Every request holding one takes a lend
+ * when it takes the object and gives it back in op_free(), so a lend cannot
+ * end before the kernel is done, whatever cancels or closes happen meanwhile.
+ *
+ * Every buffer references its BufferPool, and records in the kernel reference
+ * their buffers: the arena is unmapped only once the ring is drained and the
+ * last buffer (and memoryview of it) is gone. A buffer that does not fit the
+ * arena, or any buffer when registration was refused (RLIMIT_MEMLOCK, EEXIST
+ * from a foreign thread), gets its own mapping and a plain SEND_ZC.
+ */
+
+static PyTypeObject BufferPoolType;
+
+#define ZC_POOL_MIN (64 * 1024)
+
+static size_t page_round(size_t n)
+{
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    return (n + page - 1) / page * page;
+}
+
+/* The ring's pool, made (and registered) at the first call. */
+static BufferPool *ring_pool(Ring *r, PyObject *loop)
+{
+    if (r->pool)
+        return (BufferPool *)r->pool;
+    BufferPool *p = PyObject_GC_New(BufferPool, &BufferPoolType);
+    if (!p)
+        return NULL;
+    memset(&p->arena, 0, sizeof(p->arena));
+    p->registered = 0;
+    p->ring = r;
+    p->own_mappings = 0;
+    Py_INCREF(loop);
+    p->loop = loop;
+    PyObject_GC_Track(p);
+    /* Registration pins the arena and charges RLIMIT_MEMLOCK: halve on ENOMEM. */
+    for (size_t size = (size_t)r->pool_size; size >= ZC_POOL_MIN; size /= 2) {
+        if (bufpool_init(&p->arena, size) < 0)
+            continue;
+        struct iovec iov = {p->arena.base, p->arena.size};
+        int ret = io_uring_register_buffers(r->ring, &iov, 1);
+        if (ret == 0) {
+            p->registered = 1;
+            break;
+        }
+        bufpool_destroy(&p->arena);
+        if (ret != -ENOMEM)
+            break; /* not a size problem: every buffer gets its own mapping */
+    }
+    r->pool = (PyObject *)p;
+    return p;
+}
+
+static void zcbuf_lend(PyObject *obj)
+{
+    if (IS_ZCBUF(obj))
+        ((ZeroCopyBuffer *)obj)->lends++;
+}
+
+static void zcbuf_unlend(PyObject *obj)
+{
+    if (!IS_ZCBUF(obj))
+        return;
+    ZeroCopyBuffer *b = (ZeroCopyBuffer *)obj;
+    if (--b->lends > 0 || !b->released)
+        return;
+    PyObject *fut = b->released;
+    b->released = NULL;
+    /* A closed loop (loop.close() drains the ring) cannot run the waiter anyway,
+       and scheduling its callbacks would raise. */
+    PyObject *closed = PyObject_CallMethod(b->pool->loop, "is_closed", NULL);
+    if (!closed) {
+        PyErr_WriteUnraisable(obj);
+    } else {
+        if (closed == Py_False && !fut_is_done(fut))
+            fut_resolve(fut, Py_None, 0);
+        Py_DECREF(closed);
+    }
+    Py_DECREF(fut);
+}
+
+/* SEND_ZC of payload's memory at base: from the fixed buffer when it lies in this
+   ring's registered arena. */
+static void prep_send_zc_payload(Ring *r, struct io_uring_sqe *sqe, int fd, PyObject *payload,
+                                 char *base, size_t len)
+{
+    if (IS_ZCBUF(payload)) {
+        ZeroCopyBuffer *b = (ZeroCopyBuffer *)payload;
+        if (b->in_arena && b->pool->registered && b->pool->ring == r &&
+            bufpool_contains(&b->pool->arena, base, len)) {
+            io_uring_prep_send_zc_fixed(sqe, fd, base, len, MSG_NOSIGNAL,
+                                        IORING_SEND_ZC_REPORT_USAGE, 0);
+            r->fixed_sends++;
+            return;
+        }
+    }
+    io_uring_prep_send_zc(sqe, fd, base, len, MSG_NOSIGNAL, IORING_SEND_ZC_REPORT_USAGE);
+}
+
+static int BufferPool_traverse(BufferPool *p, visitproc visit, void *arg)
+{
+    Py_VISIT(p->loop);
+    return 0;
+}
+
+static int BufferPool_clear(BufferPool *p)
+{
+    Py_CLEAR(p->loop);
+    return 0;
+}
+
+static void BufferPool_dealloc(BufferPool *p)
+{
+    /* No buffer is left (each holds the pool), so no request uses the arena. */
+    PyObject_GC_UnTrack(p);
+    Py_CLEAR(p->loop);
+    bufpool_destroy(&p->arena);
+    PyObject_GC_Del(p);
+}
+
+static PyTypeObject BufferPoolType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "uringloop._dataplane.BufferPool",
+    .tp_basicsize = sizeof(BufferPool),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "the registered arena behind a loop's ZeroCopyBuffer objects",
+    .tp_dealloc = (destructor)BufferPool_dealloc,
+    .tp_traverse = (traverseproc)BufferPool_traverse,
+    .tp_clear = (inquiry)BufferPool_clear,
+};
+
+/* Ring.alloc_zerocopy_buffer(size, loop) -> ZeroCopyBuffer */
+static PyObject *Ring_alloc_zerocopy_buffer(Ring *r, PyObject *args)
+{
+    Py_ssize_t size;
+    PyObject *loop;
+    if (!PyArg_ParseTuple(args, "nO:alloc_zerocopy_buffer", &size, &loop))
+        return NULL;
+    if (size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "size must be a positive number of bytes");
+        return NULL;
+    }
+    if (!ring_usable(r))
+        return NULL;
+    BufferPool *pool = ring_pool(r, loop);
+    if (!pool)
+        return NULL;
+    ZeroCopyBuffer *b = PyObject_GC_New(ZeroCopyBuffer, &ZeroCopyBufferType);
+    if (!b)
+        return NULL;
+    b->base = pool->arena.base ? bufpool_alloc(&pool->arena, (size_t)size) : NULL;
+    b->in_arena = b->base != NULL;
+    if (!b->base) {
+        void *mem = mmap(NULL, page_round((size_t)size), PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (mem == MAP_FAILED) {
+            PyObject_GC_Del(b);
+            return PyErr_NoMemory();
+        }
+        b->base = mem;
+        pool->own_mappings += (Py_ssize_t)page_round((size_t)size);
+    }
+    Py_INCREF(pool);
+    b->pool = pool;
+    b->len = size;
+    b->lends = 0;
+    b->released = NULL;
+    PyObject_GC_Track(b);
+    return (PyObject *)b;
+}
+
+static int ZeroCopyBuffer_getbuffer(ZeroCopyBuffer *b, Py_buffer *view, int flags)
+{
+    if (b->lends > 0 && (flags & PyBUF_WRITABLE)) {
+        PyErr_SetString(PyExc_BufferError,
+                        "this ZeroCopyBuffer is lent to the kernel for a send; await its "
+                        "`released` future before writing to it");
+        view->obj = NULL;
+        return -1;
+    }
+    /* while lent, exports are read-only, so a memoryview taken now cannot write either */
+    return PyBuffer_FillInfo(view, (PyObject *)b, b->base, b->len, b->lends > 0, flags);
+}
+
+static PyBufferProcs ZeroCopyBuffer_as_buffer = {
+    .bf_getbuffer = (getbufferproc)ZeroCopyBuffer_getbuffer,
+};
+
+static Py_ssize_t ZeroCopyBuffer_length(ZeroCopyBuffer *b) { return b->len; }
+
+static PySequenceMethods ZeroCopyBuffer_as_sequence = {
+    .sq_length = (lenfunc)ZeroCopyBuffer_length,
+};
+
+static PyObject *ZeroCopyBuffer_get_released(ZeroCopyBuffer *b, void *c)
+{
+    if (b->lends > 0 && b->released) {
+        Py_INCREF(b->released);
+        return b->released;
+    }
+    PyObject *fut = PyObject_CallMethod(b->pool->loop, "create_future", NULL);
+    if (!fut)
+        return NULL;
+    if (b->lends > 0) {
+        Py_INCREF(fut);
+        b->released = fut;
+        return fut;
+    }
+    PyObject *res = PyObject_CallMethodOneArg(fut, str_set_result, Py_None);
+    if (!res) {
+        Py_DECREF(fut);
+        return NULL;
+    }
+    Py_DECREF(res);
+    return fut;
+}
+
+static PyObject *ZeroCopyBuffer_get_lent(ZeroCopyBuffer *b, void *c)
+{
+    return PyBool_FromLong(b->lends > 0);
+}
+
+static PyObject *ZeroCopyBuffer_get_registered(ZeroCopyBuffer *b, void *c)
+{
+    return PyBool_FromLong(b->in_arena && b->pool->registered);
+}
+
+static PyObject *ZeroCopyBuffer_repr(ZeroCopyBuffer *b)
+{
+    return PyUnicode_FromFormat("<ZeroCopyBuffer %zd bytes%s%s>", b->len,
+                                b->in_arena && b->pool->registered ? " registered" : "",
+                                b->lends > 0 ? " lent" : "");
+}
+
+static int ZeroCopyBuffer_traverse(ZeroCopyBuffer *b, visitproc visit, void *arg)
+{
+    Py_VISIT(b->released);
+    Py_VISIT(b->pool);
+    return 0;
+}
+
+static int ZeroCopyBuffer_clear(ZeroCopyBuffer *b)
+{
+    Py_CLEAR(b->released);
+    return 0; /* the pool stays: dealloc gives the memory back to it */
+}
+
+static void ZeroCopyBuffer_dealloc(ZeroCopyBuffer *b)
+{
+    /* Requests hold a reference while lent, so nothing in the kernel uses the memory,
+       and memoryviews hold one too, so nothing in Python does. */
+    PyObject_GC_UnTrack(b);
+    Py_CLEAR(b->released);
+    BufferPool *pool = b->pool;
+    if (b->in_arena) {
+        bufpool_release(&pool->arena, b->base, (size_t)b->len);
+    } else {
+        munmap(b->base, page_round((size_t)b->len));
+        pool->own_mappings -= (Py_ssize_t)page_round((size_t)b->len);
+    }
+    Py_DECREF(pool);
+    PyObject_GC_Del(b);
+}
+
+static PyGetSetDef ZeroCopyBuffer_getset[] = {
+    {"released", (getter)ZeroCopyBuffer_get_released, NULL,
+     "a future that resolves once the kernel no longer reads this buffer (done at once when "
+     "it is not lent)"},
+    {"lent", (getter)ZeroCopyBuffer_get_lent, NULL,
+     "True from write()/sock_sendzc() until the kernel's last completion for it"},
+    {"registered", (getter)ZeroCopyBuffer_get_registered, NULL,
+     "True when it lies in the ring's registered arena (sent with fixed-buffer SEND_ZC)"},
+    {NULL},
+};
+
+static PyTypeObject ZeroCopyBufferType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "uringloop.ZeroCopyBuffer",
+    .tp_basicsize = sizeof(ZeroCopyBuffer),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Writable memory for zero-copy sends, from loop.alloc_zerocopy_buffer(size).\n\n"
+              "Fill it in place (memoryview(buf)[...] = ...), then transport.write(buf) or\n"
+              "loop.sock_sendzc(sock, buf). It is lent to the kernel until `released` resolves;\n"
+              "meanwhile new views of it are read-only. Its contents are undefined until\n"
+              "written; its memory returns to the loop's pool when the object is collected.",
+    .tp_repr = (reprfunc)ZeroCopyBuffer_repr,
+    .tp_as_sequence = &ZeroCopyBuffer_as_sequence,
+    .tp_as_buffer = &ZeroCopyBuffer_as_buffer,
+    .tp_dealloc = (destructor)ZeroCopyBuffer_dealloc,
+    .tp_traverse = (traverseproc)ZeroCopyBuffer_traverse,
+    .tp_clear = (inquiry)ZeroCopyBuffer_clear,
+    .tp_getset = ZeroCopyBuffer_getset,
+};
+
 /* ------------------------------------------------------------ Python API */
 
 static int Ring_init(Ring *r, PyObject *args, PyObject *kwds)
@@ -1851,6 +2271,9 @@ static int Ring_init(Ring *r, PyObject *args, PyObject *kwds)
     Py_XSETREF(r->owner, owner);
     r->free_head = UL_NO_SLOT;
     r->fork_generation = ul_fork_generation;
+    r->pool_size = 16 * 1024 * 1024;
+    r->pinned_limit = 64 * 1024 * 1024;
+    r->stream_pinned_limit = 4 * 1024 * 1024;
     if (!r->events && !(r->events = PyList_New(0)))
         return -1;
     return 0;
@@ -1862,6 +2285,9 @@ static int Ring_traverse(Ring *r, visitproc visit, void *arg)
     Py_VISIT(r->orphan_cb);
     Py_VISIT(r->events);
     Py_VISIT(r->escaping);
+    Py_VISIT(r->pool);
+    for (uint32_t i = 0; i < r->npin_waiters; i++)
+        Py_VISIT(r->pin_waiters[i]);
     for (uint32_t i = 1; i < r->nops; i++) {
         ul_op *op = r->ops[i];
         Py_VISIT(op->fut);
@@ -1900,6 +2326,10 @@ static void Ring_dealloc(Ring *r)
             Py_DECREF(r->rx_ready[i]);
         PyMem_Free(r->rx_ready);
         rx_teardown(r, 0);
+        for (i = 0; i < r->npin_waiters; i++)
+            Py_DECREF(r->pin_waiters[i]);
+        PyMem_Free(r->pin_waiters);
+        Py_CLEAR(r->pool); /* buffers still alive keep the arena */
         Py_CLEAR(r->owner);
     }
     /* else: the kernel may still write into buffers the records hold; leak
@@ -2142,6 +2572,7 @@ static ul_op *buffer_op(Ring *r, enum ul_kind kind, int fd, PyObject *obj, PyObj
     op->fd = fd;
     Py_INCREF(obj);
     op->obj = obj;
+    zcbuf_lend(obj);
     Py_INCREF(fut);
     op->fut = fut;
     *sqe_out = sqe;
@@ -2200,20 +2631,30 @@ static PyObject *Ring_accept_multishot(Ring *r, PyObject *args)
     return PyLong_FromUnsignedLongLong(op_key(op));
 }
 
-/* send_zc(fd, data, fut) -> key: one SEND_ZC; fut gets the byte count at the notification. */
+/* send_zc(fd, data, fut[, offset]) -> key: one SEND_ZC of data[offset:]; fut gets the
+   byte count at the notification. A ZeroCopyBuffer of this ring goes from the fixed buffer. */
 static PyObject *Ring_send_zc(Ring *r, PyObject *args)
 {
     int fd;
     PyObject *obj, *fut;
+    Py_ssize_t offset = 0;
     struct io_uring_sqe *sqe;
-    if (!PyArg_ParseTuple(args, "iOO:send_zc", &fd, &obj, &fut))
+    if (!PyArg_ParseTuple(args, "iOO|n:send_zc", &fd, &obj, &fut, &offset))
         return NULL;
     ul_op *op = buffer_op(r, UL_SENDZC, fd, obj, fut, 0, &sqe);
     if (!op)
         return NULL;
-    io_uring_prep_send_zc(sqe, fd, op->view.buf, op->view.len, MSG_NOSIGNAL,
-                          IORING_SEND_ZC_REPORT_USAGE);
-    pin(r, op, op->view.len);
+    if (offset < 0 || offset > op->view.len) {
+        io_uring_prep_nop(sqe);
+        io_uring_sqe_set_data64(sqe, UL_IGNORE);
+        op_free(r, op);
+        PyErr_SetString(PyExc_ValueError, "offset out of range");
+        return NULL;
+    }
+    size_t len = (size_t)(op->view.len - offset);
+    prep_send_zc_payload(r, sqe, fd, obj, (char *)op->view.buf + offset, len);
+    pin(r, op, len);
+    r->zc_sends++;
     op_armed(r, op, sqe);
     return PyLong_FromUnsignedLongLong(op_key(op));
 }
@@ -2359,11 +2800,16 @@ static PyObject *Ring_stats(Ring *r, PyObject *unused)
 
 static PyObject *Ring_zerocopy_stats(Ring *r, PyObject *unused)
 {
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsn}", "zc_sends", r->zc_sends, "zc_bytes", r->zc_bytes,
-                         "zc_notifications", r->zc_notifications, "zc_copied_notifications",
-                         r->zc_copied, "copy_fallback_sockets", r->copy_fallback, "copy_sends",
-                         r->copy_sends, "copy_bytes", r->copy_bytes, "pinned_buffers",
-                         r->pinned_buffers, "pinned_bytes", r->pinned_bytes);
+    BufferPool *pool = (BufferPool *)r->pool;
+    Py_ssize_t registered = pool && pool->registered ? (Py_ssize_t)pool->arena.size : 0;
+    Py_ssize_t in_use = pool ? (Py_ssize_t)pool->arena.used + pool->own_mappings : 0;
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsnsKsnsn}", "zc_sends", r->zc_sends, "zc_bytes",
+                         r->zc_bytes, "zc_notifications", r->zc_notifications,
+                         "zc_copied_notifications", r->zc_copied, "copy_fallback_sockets",
+                         r->copy_fallback, "copy_sends", r->copy_sends, "copy_bytes", r->copy_bytes,
+                         "pinned_buffers", r->pinned_buffers, "pinned_bytes", r->pinned_bytes,
+                         "fixed_buffer_sends", r->fixed_sends, "registered_pool_bytes", registered,
+                         "zerocopy_buffer_bytes", in_use);
 }
 
 static PyObject *Ring_get_rx_allowed(Ring *r, void *closure) { return PyBool_FromLong(r->rx_allowed); }
@@ -2435,7 +2881,10 @@ static PyMethodDef Ring_methods[] = {
     {"accept_multishot", (PyCFunction)Ring_accept_multishot, METH_VARARGS,
      "accept_multishot(fd, callback) -> key; callback(fd) per connection, (-errno) on error"},
     {"send_zc", (PyCFunction)Ring_send_zc, METH_VARARGS,
-     "send_zc(fd, data, fut) -> key; fut gets the byte count once the kernel released data"},
+     "send_zc(fd, data, fut[, offset]) -> key; fut gets the byte count once the kernel released "
+     "data"},
+    {"alloc_zerocopy_buffer", (PyCFunction)Ring_alloc_zerocopy_buffer, METH_VARARGS,
+     "alloc_zerocopy_buffer(size, loop) -> ZeroCopyBuffer from the registered pool"},
     {"connect", (PyCFunction)Ring_connect, METH_VARARGS, "connect(fd, sockaddr, fut) -> key"},
     {"close", (PyCFunction)Ring_close, METH_O,
      "close(timeout) -> int: cancel everything, reap, and return how many memory-backed\n"
@@ -2460,6 +2909,18 @@ static PyGetSetDef Ring_getset[] = {
     {NULL},
 };
 
+static PyMemberDef Ring_members[] = {
+    {"pool_size", T_PYSSIZET, offsetof(Ring, pool_size), 0,
+     "bytes of the registered arena for ZeroCopyBuffer objects (tried at the first allocation, "
+     "halved while RLIMIT_MEMLOCK refuses it; 0: none)"},
+    {"pinned_limit", T_PYSSIZET, offsetof(Ring, pinned_limit), 0,
+     "bytes lent to the kernel by SEND_ZC in the whole loop above which transports holding "
+     "some pause writing (0: no bound)"},
+    {"stream_pinned_limit", T_PYSSIZET, offsetof(Ring, stream_pinned_limit), 0,
+     "the same bound per stream transport, for transports made from now on"},
+    {NULL},
+};
+
 static PyTypeObject RingType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "uringloop._dataplane.Ring",
     .tp_basicsize = sizeof(Ring),
@@ -2471,6 +2932,7 @@ static PyTypeObject RingType = {
     .tp_traverse = (traverseproc)Ring_traverse,
     .tp_clear = (inquiry)Ring_clear_refs,
     .tp_methods = Ring_methods,
+    .tp_members = Ring_members,
     .tp_getset = Ring_getset,
 };
 
@@ -2501,7 +2963,8 @@ PyMODINIT_FUNC PyInit__dataplane(void)
         !str_stream_flushed || !str_protocol_error || !str_pause_protocol ||
         !str_resume_protocol || !str_stream_unpinned || !minus_one)
         return NULL;
-    if (PyType_Ready(&StreamType) < 0)
+    if (PyType_Ready(&StreamType) < 0 || PyType_Ready(&BufferPoolType) < 0 ||
+        PyType_Ready(&ZeroCopyBufferType) < 0)
         return NULL;
     static int atfork_done = 0;
     if (!atfork_done) {
@@ -2520,6 +2983,12 @@ PyMODINIT_FUNC PyInit__dataplane(void)
     Py_INCREF(&StreamType);
     if (PyModule_AddObject(m, "Stream", (PyObject *)&StreamType) < 0) {
         Py_DECREF(&StreamType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&ZeroCopyBufferType);
+    if (PyModule_AddObject(m, "ZeroCopyBuffer", (PyObject *)&ZeroCopyBufferType) < 0) {
+        Py_DECREF(&ZeroCopyBufferType);
         Py_DECREF(m);
         return NULL;
     }

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from ._dataplane import ZeroCopyBuffer
 from ._loop import UringEventLoop
 from ._ring import Features, UringUnavailableError, probe
 
@@ -24,6 +25,7 @@ __all__ = [
     "Loop",
     "UringEventLoop",
     "UringUnavailableError",
+    "ZeroCopyBuffer",
     "install",
     "new_event_loop",
     "probe",
@@ -42,6 +44,9 @@ def new_event_loop(
     zerocopy: str | None = None,
     zc_threshold: int | None = None,
     recv_multishot: bool | None = None,
+    zc_pool_size: int | None = None,
+    zc_pinned_limit: int | None = None,
+    zc_transport_pinned_limit: int | None = None,
 ) -> UringEventLoop:
     """Return a new io_uring event loop; raises UringUnavailableError without io_uring.
 
@@ -49,7 +54,13 @@ def new_event_loop(
     environment variable or the probe.
     """
     return UringEventLoop(
-        setup=setup, zerocopy=zerocopy, zc_threshold=zc_threshold, recv_multishot=recv_multishot
+        setup=setup,
+        zerocopy=zerocopy,
+        zc_threshold=zc_threshold,
+        recv_multishot=recv_multishot,
+        zc_pool_size=zc_pool_size,
+        zc_pinned_limit=zc_pinned_limit,
+        zc_transport_pinned_limit=zc_transport_pinned_limit,
     )
 
 

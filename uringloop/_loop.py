@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import operator
 import os
 import selectors
 import socket
@@ -35,7 +36,7 @@ from asyncio import base_events
 from typing import Any
 
 from . import _ring
-from ._dataplane import Ring
+from ._dataplane import Ring, ZeroCopyBuffer
 from ._transports import (
     DEFAULT_ZC_THRESHOLD,
     ZC_LINGER_SECONDS,
@@ -161,15 +162,32 @@ def _pack_sockaddr(family: int, address: Any) -> bytes | None:
     return None
 
 
+# Defaults of the zero-copy memory bounds (see UringEventLoop).
+DEFAULT_ZC_POOL_SIZE = 16 << 20
+DEFAULT_ZC_PINNED_LIMIT = 64 << 20
+DEFAULT_ZC_TRANSPORT_PINNED_LIMIT = 4 << 20
+
+
+def _size_option(name: str, value: int | None, env: str | None, default: int) -> int:
+    """A byte count from the argument, else the environment, else the default."""
+    if value is None:
+        raw = os.environ.get(env) if env else None
+        value = int(raw) if raw else default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0")
+    return value
+
+
 def _zerocopy_options(zerocopy: str | None, zc_threshold: int | None) -> tuple[str, int]:
     """The zerocopy mode and threshold: arguments first, then the environment."""
     zerocopy = zerocopy or os.environ.get("URINGLOOP_ZEROCOPY", "auto")
     if zerocopy not in ("auto", "always", "never"):
         raise ValueError(f"zerocopy must be 'auto', 'always' or 'never', not {zerocopy!r}")
-    if zc_threshold is None:
-        zc_threshold = int(os.environ.get("URINGLOOP_ZC_THRESHOLD", DEFAULT_ZC_THRESHOLD))
-    if zc_threshold < 0:
-        raise ValueError("zc_threshold must be >= 0")
+    zc_threshold = _size_option(
+        "zc_threshold", zc_threshold, "URINGLOOP_ZC_THRESHOLD", DEFAULT_ZC_THRESHOLD
+    )
     return zerocopy, zc_threshold
 
 
@@ -184,6 +202,12 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
     ``recv_multishot`` (default: where the kernel has it; ``URINGLOOP_RECV_MULTISHOT=0``
     turns it off) makes stream transports read with one multishot recv from a shared
     buffer ring instead of one recv per read.
+    Memory lent to the kernel by zero-copy sends is bounded: ``zc_pinned_limit`` bytes
+    for the loop (64 MiB) and ``zc_transport_pinned_limit`` per transport (4 MiB);
+    past either, the transports holding it get ``pause_writing()`` until notifications
+    bring it back down (0: no bound). ``zc_pool_size`` (16 MiB;
+    ``URINGLOOP_ZC_POOL_SIZE``) is the registered arena behind `alloc_zerocopy_buffer`,
+    halved while RLIMIT_MEMLOCK refuses it.
     Raises `uringloop.UringUnavailableError` when io_uring cannot be used.
     """
 
@@ -194,9 +218,24 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         zerocopy: str | None = None,
         zc_threshold: int | None = None,
         recv_multishot: bool | None = None,
+        zc_pool_size: int | None = None,
+        zc_pinned_limit: int | None = None,
+        zc_transport_pinned_limit: int | None = None,
     ) -> None:
         try:
             zerocopy, zc_threshold = _zerocopy_options(zerocopy, zc_threshold)
+            zc_pool_size = _size_option(
+                "zc_pool_size", zc_pool_size, "URINGLOOP_ZC_POOL_SIZE", DEFAULT_ZC_POOL_SIZE
+            )
+            zc_pinned_limit = _size_option(
+                "zc_pinned_limit", zc_pinned_limit, None, DEFAULT_ZC_PINNED_LIMIT
+            )
+            zc_transport_pinned_limit = _size_option(
+                "zc_transport_pinned_limit",
+                zc_transport_pinned_limit,
+                None,
+                DEFAULT_ZC_TRANSPORT_PINNED_LIMIT,
+            )
             features = _ring.probe()
             ring_setup = _ring.create_ring(setup or os.environ.get("URINGLOOP_RING_SETUP", "auto"))
         except BaseException:
@@ -210,6 +249,9 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         address = int(_ring.ffi.cast("uintptr_t", ring_setup.ring))
         self._ring = Ring(address, ring_setup.ring)
         self._ring.orphan_callback = self._keep_orphaned_data
+        self._ring.pool_size = zc_pool_size
+        self._ring.pinned_limit = zc_pinned_limit
+        self._ring.stream_pinned_limit = zc_transport_pinned_limit
         if zerocopy != "never":
             self._ring.zc_supported = features.send_zc and features.send_zc_report_usage
         self._multishot_accept = features.multishot_accept
@@ -340,8 +382,29 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         super()._stop_serving(sock)
 
     def zerocopy_stats(self) -> dict[str, int]:
-        """Counters of the stream write path: SEND_ZC use, copies, memory pinned right now."""
+        """Counters of the write path: SEND_ZC use, copies, memory lent to the kernel now.
+
+        ``zc_sends``, ``zc_bytes``, ``zc_notifications``, ``zc_copied_notifications`` (the
+        kernel copied after all), ``copy_fallback_sockets``, ``copy_sends``, ``copy_bytes``,
+        ``pinned_buffers``, ``pinned_bytes``, ``fixed_buffer_sends`` (from the registered
+        arena), ``registered_pool_bytes`` and ``zerocopy_buffer_bytes`` (handed out by
+        `alloc_zerocopy_buffer` and still alive).
+        """
         return self._ring.zerocopy_stats()
+
+    def alloc_zerocopy_buffer(self, size: int) -> ZeroCopyBuffer:
+        """Writable memory of ``size`` bytes that transports send without any copy.
+
+        The buffer comes from an arena registered with the ring, so a write of it goes
+        out with fixed-buffer SEND_ZC: the kernel reads it in place. Fill it through
+        ``memoryview(buf)``, then ``transport.write(buf)`` or ``loop.sock_sendzc(sock,
+        buf)``. From then on it is lent to the kernel: new views of it are read-only
+        until ``await buf.released``. Its memory goes back to the pool when the object
+        is collected. Where SEND_ZC is unavailable or the route copies anyway, the
+        same buffer is sent with a plain send from its memory.
+        """
+        self._check_closed()
+        return self._ring.alloc_zerocopy_buffer(operator.index(size), self)
 
     def ring_info(self) -> dict[str, Any]:
         """How this loop's ring was set up, and the data plane's counters."""
@@ -451,21 +514,31 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         ``zerocopy="never"``) the data is sent with a plain send.
         """
         self._check_sock(sock)
-        view = memoryview(data).cast("B")
+        # A ZeroCopyBuffer goes to the ring as itself: it is lent, and from the arena
+        # it is sent from the fixed buffer. Anything else is held through a view.
+        payload = data if isinstance(data, ZeroCopyBuffer) else memoryview(data).cast("B")
+        size = len(payload)
         if not self._ring.zc_supported or sock.family == socket.AF_UNIX:
-            await self.sock_sendall(sock, view)
-            return len(view)
+            await self.sock_sendall(sock, payload)
+            return size
         fd = sock.fileno()
         self._ensure_fd_no_transport(fd)
         sent = 0
-        while sent < len(view):
+        while sent < size:
             fut = self.create_future()
-            key = self._ring.send_zc(fd, view[sent:], fut)
+            key = self._ring.send_zc(fd, payload, fut, sent)
             try:
                 n = await fut
             except asyncio.CancelledError:
                 self._ring.cancel(key)
                 raise
+            except OSError as exc:
+                if exc.errno not in (errno.ENOMEM, errno.EOPNOTSUPP):
+                    raise
+                # RLIMIT_MEMLOCK caps memory pinned for SEND_ZC (ENOMEM), or this
+                # socket refuses it: nothing of this request went out, copy the rest.
+                await self.sock_sendall(sock, memoryview(payload)[sent:])
+                return size
             sent += n
         return sent
 
