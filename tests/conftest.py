@@ -22,8 +22,35 @@ except ImportError:  # uvloop has no wheel for this interpreter
     uvloop = None
 
 
+_uringloops: list[uringloop.UringEventLoop] = []
+
+
+def _tracked_uringloop() -> uringloop.UringEventLoop:
+    loop = uringloop.new_event_loop()
+    _uringloops.append(loop)
+    return loop
+
+
+@pytest.fixture(autouse=True)
+def ring_leak_check():
+    """After each test, every uringloop loop it ran has given everything back.
+
+    Autouse fixtures are set up first and torn down last, so this runs after
+    pytest-asyncio closed the test's loop: no request may still be in the kernel, no
+    operation record left in the table, no memory lent for SEND_ZC.
+    """
+    yield
+    loops, _uringloops[:] = list(_uringloops), []
+    for loop in loops:
+        assert loop.is_closed()
+        stats = loop._ring.stats()
+        zc = loop._ring.zerocopy_stats()
+        assert stats["inflight"] == 0 and stats["records"] == 0, stats
+        assert zc["pinned_buffers"] == 0 and zc["pinned_bytes"] == 0, zc
+
+
 def _factories() -> dict:
-    factories = {"asyncio": asyncio.SelectorEventLoop, "uringloop": uringloop.new_event_loop}
+    factories = {"asyncio": asyncio.SelectorEventLoop, "uringloop": _tracked_uringloop}
     if uvloop is not None:
         factories["uvloop"] = uvloop.new_event_loop
     return factories
