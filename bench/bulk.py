@@ -1,15 +1,26 @@
-"""One-way bulk send over loopback TCP: throughput and the sender's CPU seconds per GiB.
+"""One-way bulk send: throughput and the sender's CPU seconds per GiB.
 
-usage: python -m bench.bulk --loop=asyncio|uvloop|uringloop|uringloop-copy --size=65536
-                            --total=536870912 --port=PORT
-Connects to a sink on 127.0.0.1:PORT, writes the same immutable bytes object of --size
-bytes until --total bytes are out (following the transport's flow control), and prints one
-JSON line. The sink (`python -m bench.bulk --sink`) reads and discards.
+usage: python -m bench.bulk --proto=tcp --loop=VARIANT --size=65536 --total=536870912 --port=PORT
+       python -m bench.bulk --proto=udp --loop=VARIANT --size=65000 --total=... --addr=10.77.0.2
+       python -m bench.bulk --sink          (TCP only: reads and discards, prints READY <port>)
 
-"uringloop" sends writes at or above the zero-copy threshold with SEND_ZC (forced with
-zerocopy="always", since loopback would otherwise switch the socket to copying);
-"uringloop-copy" uses plain sends. Over loopback the kernel copies zero-copy data at
-delivery anyway, so this shows the protocol's cost, not its saving.
+Writes the same payload of --size bytes until --total bytes are out and prints one JSON
+line. Variants (--loop):
+
+  asyncio, uvloop        the loop's own transport (TCP: transport.write with flow control;
+                         UDP: a connected datagram endpoint's sendto)
+  uringloop-copy         uringloop with zerocopy="never": every write copied by the kernel
+  uringloop              immutable bytes sent with SEND_ZC from the object's own memory
+  uringloop-fixed        a ZeroCopyBuffer from the registered pool: fixed-buffer SEND_ZC,
+                         no copy and no per-send page pinning
+  uringloop-fixed-copy   a mutable bytearray copied into a ZeroCopyBuffer, then sent as
+                         above: the price of zero-copy for data asyncio must copy anyway
+
+TCP goes over loopback, where the kernel copies zero-copy data at delivery anyway (it
+shows the protocol's cost, not its saving). UDP goes to an address routed to a veth whose
+peer is down, inside a network namespace the caller made (`bench.netns`): packets are
+dropped in the device, so the sender does the real zero-copy work. uringloop's UDP
+variants use sock_sendall/sock_sendzc with several sends in flight.
 """
 
 from __future__ import annotations
@@ -24,46 +35,123 @@ import time
 
 from .loops import loop_factory
 
-
-class Sender(asyncio.Protocol):
-    def __init__(self, chunk: bytes, total: int, done: asyncio.Future) -> None:
-        self.chunk, self.left, self.done = chunk, total, done
-        self.paused = False
-
-    def connection_made(self, transport):
-        self.transport = transport
-        self.pump()
-
-    def pump(self):
-        while self.left > 0 and not self.paused:
-            self.transport.write(self.chunk)
-            self.left -= len(self.chunk)
-        if self.left <= 0 and not self.done.done():
-            self.transport.close()
-
-    def pause_writing(self):
-        self.paused = True
-
-    def resume_writing(self):
-        self.paused = False
-        self.pump()
-
-    def connection_lost(self, exc):
-        if not self.done.done():
-            self.done.set_result(exc)
+VARIANTS = (
+    "asyncio",
+    "uvloop",
+    "uringloop-copy",
+    "uringloop",
+    "uringloop-fixed",
+    "uringloop-fixed-copy",
+)
+UDP_IN_FLIGHT = 8
 
 
-async def send(size: int, total: int, port: int) -> None:
+def make_loop(variant: str) -> asyncio.AbstractEventLoop:
+    if not variant.startswith("uringloop"):
+        return loop_factory(variant)()
+    import uringloop
+
+    # "always": loopback would otherwise switch a socket to copying after a few sends
+    mode = "never" if variant == "uringloop-copy" else "always"
+    return uringloop.UringEventLoop(zerocopy=mode, zc_threshold=16 * 1024)
+
+
+class FlowControl(asyncio.Protocol):
+    """A protocol whose drain() waits while the transport asked to pause."""
+
+    def __init__(self) -> None:
+        self.resumed: asyncio.Future | None = None
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def pause_writing(self) -> None:
+        self.resumed = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.resumed is not None and not self.resumed.done():
+            self.resumed.set_result(None)
+        self.resumed = None
+
+    async def drain(self) -> None:
+        if self.resumed is not None:
+            await self.resumed
+
+    def connection_lost(self, exc) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+    def error_received(self, exc) -> None:  # datagram endpoints
+        raise exc
+
+
+def payloads(loop, variant: str, size: int):
+    """What each write sends: the same object each time, or a refilled pool buffer."""
+    if variant == "uringloop-fixed":
+        buf = loop.alloc_zerocopy_buffer(size)
+        memoryview(buf)[:] = b"z" * size
+        while True:
+            yield buf  # lent several times over: the kernel only reads it
+    elif variant == "uringloop-fixed-copy":
+        source = bytearray(b"m" * size)
+        while True:
+            buf = loop.alloc_zerocopy_buffer(size)  # back to the pool once released
+            memoryview(buf)[:] = source
+            yield buf
+    else:
+        chunk = bytes(size)
+        while True:
+            yield chunk
+
+
+async def send_tcp(variant: str, size: int, total: int, port: int) -> None:
     loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    chunk = bytes(size)
-    await loop.create_connection(lambda: Sender(chunk, total, done), "127.0.0.1", port)
-    exc = await done
+    transport, proto = await loop.create_connection(FlowControl, "127.0.0.1", port)
+    left = total
+    for chunk in payloads(loop, variant, size):
+        if left <= 0:
+            break
+        transport.write(chunk)
+        left -= size
+        await proto.drain()
+    transport.close()
+    exc = await proto.lost
     if exc is not None:
         raise exc
 
 
-def sink(port_file: str | None) -> None:
+def udp_count(size: int, total: int) -> int:
+    """Datagrams to send: a multiple of UDP_IN_FLIGHT, the same for every variant."""
+    return max(total // size // UDP_IN_FLIGHT, 1) * UDP_IN_FLIGHT
+
+
+async def send_udp(variant: str, size: int, total: int, addr: str) -> None:
+    loop = asyncio.get_running_loop()
+    count = udp_count(size, total)
+    if not variant.startswith("uringloop"):
+        transport, proto = await loop.create_datagram_endpoint(FlowControl, remote_addr=(addr, 9))
+        chunk = bytes(size)
+        for i in range(count):
+            transport.sendto(chunk)
+            if i % 64 == 63:
+                await asyncio.sleep(0)
+            await proto.drain()
+        transport.close()
+        return
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.connect((addr, 9))
+    send = loop.sock_sendall if variant == "uringloop-copy" else loop.sock_sendzc
+
+    async def worker(n: int) -> None:
+        source = payloads(loop, variant, size)
+        for _ in range(n):
+            await send(sock, next(source))
+
+    with sock:
+        share = count // UDP_IN_FLIGHT
+        await asyncio.gather(*(worker(share) for _ in range(UDP_IN_FLIGHT)))
+
+
+def sink() -> None:
     srv = socket.create_server(("127.0.0.1", 0))
     print(f"READY {srv.getsockname()[1]}", flush=True)
     buf = bytearray(1 << 20)
@@ -78,36 +166,41 @@ def sink(port_file: str | None) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sink", action="store_true")
-    ap.add_argument("--loop", default="uringloop")
+    ap.add_argument("--proto", choices=("tcp", "udp"), default="tcp")
+    ap.add_argument("--loop", choices=VARIANTS, default="uringloop")
     ap.add_argument("--size", type=int, default=65536)
     ap.add_argument("--total", type=int, default=512 << 20)
     ap.add_argument("--port", type=int)
+    ap.add_argument("--addr", default="10.77.0.2")
     args = ap.parse_args()
     if args.sink:
-        sink(None)
+        sink()
         return
-    if args.loop.startswith("uringloop"):
-        import uringloop
-
-        mode = "never" if args.loop == "uringloop-copy" else "always"
-        loop = uringloop.UringEventLoop(zerocopy=mode, zc_threshold=16 * 1024)
+    loop = make_loop(args.loop)
+    if args.proto == "tcp":
+        coro = send_tcp(args.loop, args.size, args.total, args.port)
     else:
-        loop = loop_factory(args.loop)()
+        coro = send_udp(args.loop, args.size, args.total, args.addr)
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    loop.run_until_complete(send(args.size, args.total, args.port))
+    loop.run_until_complete(coro)
     wall = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    kernel = r1.ru_stime - r0.ru_stime
+    cpu = (r1.ru_utime - r0.ru_utime) + kernel
     stats = loop.zerocopy_stats() if hasattr(loop, "zerocopy_stats") else {}
     loop.close()
-    gib = args.total / (1 << 30)
+    sent = args.total if args.proto == "tcp" else udp_count(args.size, args.total) * args.size
     print(
         json.dumps(
             {
-                "gbytes_per_s": args.total / wall / 1e9,
-                "cpu_s_per_gib": cpu / gib,
+                "gbytes_per_s": sent / wall / 1e9,
+                "cpu_s_per_gib": cpu / (sent / (1 << 30)),
+                # the kernel's share: where a copy is saved or paid
+                "kernel_cpu_s_per_gib": kernel / (sent / (1 << 30)),
                 "zc_sends": stats.get("zc_sends", 0),
+                "zc_copied_notifications": stats.get("zc_copied_notifications", 0),
+                "fixed_buffer_sends": stats.get("fixed_buffer_sends", 0),
             }
         )
     )
