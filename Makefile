@@ -14,7 +14,7 @@ find_python = $(shell for p in $$(ls -d /root/.pyenv/versions/$(1)*/bin/python3 
 PYTHON ?= $(call find_python,3.11,$$(command -v python3))
 PY313 ?= $(call find_python,3.13)
 PYTEST_ARGS ?=
-APT_PACKAGES = liburing-dev strace wrk
+APT_PACKAGES = liburing-dev strace wrk iproute2
 
 .PHONY: system-deps example test test-quick test-311 test-313 test-asan bench bench-quick lint clean
 

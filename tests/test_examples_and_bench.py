@@ -53,6 +53,14 @@ def test_bench_runs_in_its_shortest_mode(tmp_path):
             "1024",
             "--conns",
             "4",
+            "--bulk-sizes",
+            "65536",
+            "--udp-sizes",
+            "16384",
+            "--bulk-mib",
+            "16",
+            "--udp-mib",
+            "16",
             "--out",
             str(tmp_path),
         ],
@@ -68,3 +76,10 @@ def test_bench_runs_in_its_shortest_mode(tmp_path):
     assert set(echo["rps"]) >= {"asyncio", "uringloop"}
     assert all(v["median"] > 0 for v in echo["rps"].values())
     assert "call_soon_per_s" in data["micro"]
+    bulk = {b["proto"]: b for b in data["bulk"]}
+    assert set(bulk["tcp"]["cpu_ms_per_gib"]) >= {"uringloop", "uringloop-copy", "uringloop-fixed"}
+    # UDP needs a network namespace (root and iproute2); without one the report says why
+    if "udp" in bulk:
+        assert bulk["udp"]["mbytes_per_s"]["uringloop"]["median"] > 0
+    else:
+        assert any("UDP bulk skipped" in n for n in data["notes"])
