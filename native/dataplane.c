@@ -99,6 +99,11 @@ typedef struct {
     Py_ssize_t stream_pinned_limit; /* the same bound per stream transport */
     PyObject **pin_waiters;
     uint32_t npin_waiters, cappin_waiters;
+    /* large bytes objects nobody else references any more, for the next single-shot
+       stream recv (see rx_spare_take) */
+    PyObject *rx_spare[16];
+    uint32_t nrx_spare;
+    unsigned long long rx_spare_reuses;
 } Ring;
 
 /* The registered arena behind ZeroCopyBuffer objects (see "zero-copy buffers"). */
@@ -201,6 +206,38 @@ static ul_op *op_alloc(Ring *r, enum ul_kind kind)
     return op;
 }
 
+/* Bulk receives read into fresh 256 KiB bytes objects, and an echo-like protocol
+ * sends each one back and drops it. Freed, such a block goes back to malloc, which
+ * trims the heap and faults fresh pages in for the next one (a measured ~15% of a
+ * 256 KiB echo's CPU), and the kernel's copy then lands in cold memory. So a large
+ * exact bytes object that a finished request held as the last reference is kept
+ * here and received into again: with no other reference nobody can observe it, and
+ * its cached hash is reset before reuse. */
+#define RX_SPARE_MIN (64 * 1024)
+
+static int rx_spare_keep(Ring *r, PyObject *obj)
+{
+    if (!PyBytes_CheckExact(obj) || Py_REFCNT(obj) != 1 ||
+        PyBytes_GET_SIZE(obj) < RX_SPARE_MIN || r->nrx_spare == sizeof(r->rx_spare) / sizeof(PyObject *))
+        return 0;
+    r->rx_spare[r->nrx_spare++] = obj; /* takes the record's reference */
+    return 1;
+}
+
+/* A spare bytes object to receive into (a new reference), or NULL. */
+static PyObject *rx_spare_take(Ring *r)
+{
+    if (!r->nrx_spare)
+        return NULL;
+    PyObject *obj = r->rx_spare[--r->nrx_spare];
+    r->rx_spare_reuses++;
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+    ((PyBytesObject *)obj)->ob_shash = -1; /* its content is about to change */
+#pragma GCC diagnostic pop
+    return obj;
+}
+
 /* Must only be called once the kernel no longer references the record (no final CQE pending). */
 static void op_free(Ring *r, ul_op *op)
 {
@@ -219,6 +256,8 @@ static void op_free(Ring *r, ul_op *op)
     }
     if (op->obj && IS_ZCBUF(op->obj))
         zcbuf_unlend(op->obj); /* the request that borrowed it is over */
+    else if (op->obj && rx_spare_keep(r, op->obj))
+        op->obj = NULL;
     Py_CLEAR(op->fut);
     Py_CLEAR(op->obj);
     Py_CLEAR(op->sock);
@@ -779,7 +818,7 @@ typedef struct {
     uint8_t reading, recv_armed, send_armed, dirty, closed, eof, write_paused;
     uint8_t zc, zc_forced, copied_streak, notify_flushed;
     /* multishot receive: this batch's ring buffers, delivered together by rx_deliver_ready */
-    uint8_t rx_multi, rx_ready, rx_ended, rx_bulk;
+    uint8_t rx_multi, rx_ready, rx_ended, rx_bulk, rx_small_reads;
     uint8_t pin_waiting; /* on the ring's pin_waiters list */
     int rx_res;   /* the ended recv's final result (0 EOF, -errno) */
     int held_end; /* while paused: 1 EOF, -errno an error, to report after the held data */
@@ -857,9 +896,12 @@ static void protocol_raised(Stream *s)
 #define RX_MERGE_MAX (256 * 1024)
 /* Bulk streams: a batch that brought this much switches the stream to single-shot
    recv straight into a bytes object (no copy out of the ring, one CQE per read);
-   a single-shot read smaller than RX_SMALL switches it back to multishot. */
+   RX_SMALL_STREAK single-shot reads in a row smaller than RX_SMALL switch it back to
+   multishot (one small read is often just the tail of a large message: switching on
+   it cost a cancel and a re-arm per message of a 256 KiB echo). */
 #define RX_BULK (64 * 1024)
 #define RX_SMALL (16 * 1024)
+#define RX_SMALL_STREAK 4
 
 static int stream_cancel_key(Stream *s, uint64_t key);
 
@@ -927,13 +969,13 @@ static int stream_arm_recv(Stream *s)
     if (multi) {
         op->arg = 1;
     } else if (s->on_data) {
-        op->obj = PyBytes_FromStringAndSize(NULL, STREAM_RECV_SIZE);
-        if (!op->obj) {
+        op->obj = rx_spare_take(r);
+        if (!op->obj && !(op->obj = PyBytes_FromStringAndSize(NULL, STREAM_RECV_SIZE))) {
             op_free(r, op);
             return -1;
         }
         buf = PyBytes_AS_STRING(op->obj);
-        len = STREAM_RECV_SIZE;
+        len = (size_t)PyBytes_GET_SIZE(op->obj);
     } else {
         PyObject *target = PyObject_CallOneArg(s->get_buffer, _PyLong_GetMinusOne_compat());
         if (!target || PyObject_GetBuffer(target, &op->view, PyBUF_WRITABLE) < 0) {
@@ -1174,6 +1216,7 @@ static void rx_deliver_one(Ring *r, Stream *s)
         /* streaming: read the rest with single-shot recv (the multishot ends with
            -ECANCELED and is re-armed as single-shot below) */
         s->rx_bulk = 1;
+        s->rx_small_reads = 0;
         if (s->recv_armed && s->rx_multi && stream_cancel_key(s, s->recv_key) < 0)
             PyErr_WriteUnraisable(s->owner);
     }
@@ -1482,7 +1525,9 @@ static void stream_complete(Ring *r, ul_op *op, int res, unsigned flags)
         if (s->closed)
             break;
         if (res > 0) {
-            if (res < RX_SMALL)
+            if (res >= RX_SMALL)
+                s->rx_small_reads = 0;
+            else if (++s->rx_small_reads >= RX_SMALL_STREAK)
                 s->rx_bulk = 0; /* not streaming (any more): back to multishot */
             /* data also comes with a cancel that lost the race to pause_reading():
                stream_deliver() keeps it for resume_reading() */
@@ -2334,6 +2379,8 @@ static void Ring_dealloc(Ring *r)
     }
     /* else: the kernel may still write into buffers the records hold; leak
        them (and the ring memory in owner) rather than free memory in use. */
+    while (r->nrx_spare)
+        Py_DECREF(r->rx_spare[--r->nrx_spare]); /* no request holds a spare */
     Ring_clear_refs(r);
     Py_TYPE(r)->tp_free((PyObject *)r);
 }
@@ -2791,11 +2838,12 @@ static PyObject *Ring_stats(Ring *r, PyObject *unused)
     uint32_t live = 0;
     for (uint32_t i = 1; i < r->nops; i++)
         live += r->ops[i]->kind != UL_FREE;
-    return Py_BuildValue("{sKsKsKsKsIsIsKsKsKsO}", "enters", r->n_enter, "cqes", r->n_cqe,
+    return Py_BuildValue("{sKsKsKsKsIsIsKsKsKsOsK}", "enters", r->n_enter, "cqes", r->n_cqe,
                          "sqes", r->n_sqe, "stray_cqes", r->n_stray, "inflight", r->inflight,
                          "records", live, "recv_multishot_cqes", r->rx_cqes, "recv_deliveries",
                          r->rx_deliveries, "recv_enobufs", r->rx_enobufs, "recv_buffer_ring",
-                         r->rx_state > 0 ? Py_True : Py_False);
+                         r->rx_state > 0 ? Py_True : Py_False, "recv_spare_reuses",
+                         r->rx_spare_reuses);
 }
 
 static PyObject *Ring_zerocopy_stats(Ring *r, PyObject *unused)
