@@ -217,6 +217,31 @@ def test_buffer_over_a_unix_socket_goes_plainly_and_is_released(tmp_path):
     assert stats["zc_sends"] == 0 and stats["pinned_bytes"] == 0
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"zerocopy": "never"}, {"zc_pool_size": 0}],
+    ids=["zerocopy-never", "no-registered-pool"],
+)
+def test_buffers_work_without_zero_copy_or_registration(options):
+    async def main():
+        loop = asyncio.get_running_loop()
+        server, sink, writer = await tcp_pair()
+        buf = loop.alloc_zerocopy_buffer(500_000)
+        assert not buf.registered or "zerocopy" in options
+        memoryview(buf)[:] = b"n" * len(buf)
+        writer.transport.write(buf)
+        await asyncio.wait_for(buf.released, 10)
+        await until(lambda: len(sink.data) >= 500_000, "the data")
+        assert sink.data == b"n" * 500_000
+        await teardown(server, sink, writer)
+        return loop.zerocopy_stats()
+
+    stats = run(main(), **options)
+    assert stats["fixed_buffer_sends"] == 0 and stats["pinned_bytes"] == 0
+    if "zerocopy" in options:
+        assert stats["zc_sends"] == 0
+
+
 @needs_zc
 def test_buffers_beyond_the_pool_get_their_own_memory_and_still_work():
     async def main():
