@@ -111,7 +111,6 @@ typedef struct {
     PyObject_HEAD
     struct bufpool arena; /* empty (base NULL) when nothing could be registered */
     int registered;       /* the arena is the ring's fixed buffer 0 */
-    Ring *ring;           /* only compared against, never dereferenced: not a reference */
     PyObject *loop;       /* makes the `released` futures */
     Py_ssize_t own_mappings; /* bytes of buffers that did not fit the arena */
 } BufferPool;
@@ -2037,7 +2036,6 @@ static BufferPool *ring_pool(Ring *r, PyObject *loop)
         return NULL;
     memset(&p->arena, 0, sizeof(p->arena));
     p->registered = 0;
-    p->ring = r;
     p->own_mappings = 0;
     Py_INCREF(loop);
     p->loop = loop;
@@ -2095,7 +2093,9 @@ static void prep_send_zc_payload(Ring *r, struct io_uring_sqe *sqe, int fd, PyOb
 {
     if (IS_ZCBUF(payload)) {
         ZeroCopyBuffer *b = (ZeroCopyBuffer *)payload;
-        if (b->in_arena && b->pool->registered && b->pool->ring == r &&
+        /* the pool object, alive as long as its buffers, identifies the ring (an
+           address of a freed ring could come back for another) */
+        if (b->in_arena && b->pool->registered && (PyObject *)b->pool == r->pool &&
             bufpool_contains(&b->pool->arena, base, len)) {
             io_uring_prep_send_zc_fixed(sqe, fd, base, len, MSG_NOSIGNAL,
                                         IORING_SEND_ZC_REPORT_USAGE, 0);
