@@ -809,6 +809,7 @@ typedef struct {
     PyObject *wbuf;           /* bytearray: this iteration's small writes */
     PyObject *queue;          /* list of payloads waiting for their send, in order */
     Py_ssize_t queued;        /* bytes written and not yet accepted by the kernel */
+    Py_ssize_t head_sent;     /* bytes of queue[0] a direct send already took (write_through) */
     Py_ssize_t pinned;        /* bytes the kernel may still read (SEND_ZC before notification) */
     Py_ssize_t high, low, pinned_high;
     Py_ssize_t zc_threshold;
@@ -1453,6 +1454,8 @@ static int stream_submit_vectored(Stream *s, Py_ssize_t n)
         op->iov[i].iov_base = op->views[i].buf;
         op->iov[i].iov_len = op->views[i].len;
     }
+    op->iov[0].iov_base = (char *)op->iov[0].iov_base + s->head_sent;
+    op->iov[0].iov_len -= s->head_sent;
     struct io_uring_sqe *sqe = get_sqe(r);
     if (!sqe) {
         op_free(r, op);
@@ -1464,6 +1467,7 @@ static int stream_submit_vectored(Stream *s, Py_ssize_t n)
         op_free(r, op);
         return -1;
     }
+    s->head_sent = 0;
     Py_INCREF(s);
     op->sock = (PyObject *)s;
     op->fd = s->fd;
@@ -1502,8 +1506,9 @@ static void stream_send_next(Stream *s)
         return;
     }
     /* submit before dropping it from the queue: a ZeroCopyBuffer stays lent throughout */
-    if (stream_submit(s, PyList_GET_ITEM(s->queue, 0), 0) < 0 || queue_drop(s, 1) < 0)
+    if (stream_submit(s, PyList_GET_ITEM(s->queue, 0), s->head_sent) < 0 || queue_drop(s, 1) < 0)
         PyErr_WriteUnraisable(s->owner);
+    s->head_sent = 0;
 }
 
 static void stream_complete(Ring *r, ul_op *op, int res, unsigned flags)
@@ -1748,6 +1753,74 @@ static PyObject *Stream_set_protocol(Stream *s, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* write() took the queue past the high-water mark while no send is in the kernel: do
+ * what asyncio's (and uvloop's) write() does and offer the data to the socket now, with
+ * one non-blocking sendmsg, so that pause_writing() comes only when the kernel really
+ * does not take it. Waiting for the iteration's batched send instead would pause (and
+ * make drain() wait) on every large write, which libraries written against asyncio do
+ * not expect (websockets' legacy protocol asserts there is one drain at a time).
+ * Small writes never get here: they stay batched on the ring. Payloads meant for
+ * SEND_ZC are left to the ring; with nothing in flight, order is kept. */
+static void stream_write_through(Stream *s)
+{
+    struct iovec iov[STREAM_MAX_IOV + 1];
+    int n = 0;
+    Py_ssize_t qlen = PyList_GET_SIZE(s->queue), i;
+    if (s->closed || s->ring->closed)
+        return;
+    for (i = 0; i < qlen && n < STREAM_MAX_IOV; i++) {
+        PyObject *p = PyList_GET_ITEM(s->queue, i);
+        if (IS_ZCBUF(p) || stream_is_zc_payload(s, p, payload_size(p)))
+            break;
+        iov[n].iov_base = PyBytes_CheckExact(p) ? PyBytes_AS_STRING(p) : PyByteArray_AS_STRING(p);
+        iov[n].iov_len = (size_t)payload_size(p);
+        n++;
+    }
+    if (n == 0 && qlen > 0)
+        return;
+    if (n > 0) {
+        iov[0].iov_base = (char *)iov[0].iov_base + s->head_sent;
+        iov[0].iov_len -= (size_t)s->head_sent;
+    }
+    int with_wbuf = i == qlen && s->wbuf && PyByteArray_GET_SIZE(s->wbuf) > 0;
+    if (with_wbuf) {
+        iov[n].iov_base = PyByteArray_AS_STRING(s->wbuf);
+        iov[n].iov_len = (size_t)PyByteArray_GET_SIZE(s->wbuf);
+        n++;
+    }
+    if (n == 0)
+        return;
+    struct msghdr msg;
+    memset(&msg, 0, sizeof(msg));
+    msg.msg_iov = iov;
+    msg.msg_iovlen = (size_t)n;
+    ssize_t sent = sendmsg(s->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (sent <= 0)
+        return; /* EAGAIN: the ring's send waits for room; an error surfaces there too */
+    s->ring->copy_sends++;
+    s->ring->copy_bytes += (unsigned long long)sent;
+    s->queued -= sent;
+    /* consume what went: whole queue entries, then the head's part, then the wbuf */
+    Py_ssize_t left = sent, whole = 0;
+    while (whole < PyList_GET_SIZE(s->queue) && whole < i) {
+        Py_ssize_t rest = payload_size(PyList_GET_ITEM(s->queue, whole)) - s->head_sent;
+        if (left < rest)
+            break;
+        left -= rest;
+        s->head_sent = 0;
+        whole++;
+    }
+    if (whole && queue_drop(s, whole) < 0) {
+        PyErr_WriteUnraisable(s->owner);
+        return;
+    }
+    if (whole < i) {
+        s->head_sent += left;
+    } else if (left > 0 && PySequence_DelSlice(s->wbuf, 0, left) < 0) {
+        PyErr_WriteUnraisable(s->owner);
+    }
+}
+
 static PyObject *Stream_write(Stream *s, PyObject *data)
 {
     if (!PyBytes_Check(data) && !PyByteArray_Check(data) && !PyMemoryView_Check(data) &&
@@ -1803,6 +1876,8 @@ queued:
     s->queued += len;
     if (stream_mark_dirty(s) < 0)
         return NULL;
+    if (s->queued > s->high && !s->send_armed)
+        stream_write_through(s);
     stream_maybe_pause_writing(s);
     Py_RETURN_NONE;
 }
@@ -1891,6 +1966,7 @@ static PyObject *Stream_close_now(Stream *s, PyObject *unused)
     s->held_end = 0;
     if (queue_drop(s, PyList_GET_SIZE(s->queue)) < 0)
         return NULL;
+    s->head_sent = 0;
     s->queued = 0;
     s->notify_flushed = 0;
     /* break the transport <-> protocol <-> stream cycle */

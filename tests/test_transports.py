@@ -242,6 +242,22 @@ async def test_peer_that_stops_reading_pauses_writing(fd_leak_check):
 
 
 @pytest.mark.asyncio
+async def test_large_write_goes_to_the_socket_at_once_like_asyncio(fd_leak_check):
+    """A write past the high-water mark is offered to the kernel inside write(), as in
+    asyncio and uvloop, so pause_writing() only comes when the kernel refuses the data."""
+    srv, server_p, client_p = await connected_pair()
+    t = client_p.transport
+    t.set_write_buffer_limits(high=64 * 1024)
+    payload = bytearray(random.Random(7).randbytes(300_000))  # mutable: never zero-copy
+    t.write(payload)
+    assert t.get_write_buffer_size() < len(payload)  # some of it left during write()
+    t.write(b"tail")
+    await wait_for_len(server_p, len(payload) + 4)
+    assert server_p.data == payload + b"tail"
+    await close_all(srv, client_p, server_p)
+
+
+@pytest.mark.asyncio
 async def test_abort_with_large_writes_in_flight(fd_leak_check):
     srv, server_p, client_p = await connected_pair()
     server_p.transport.pause_reading()
@@ -381,7 +397,9 @@ def test_auto_mode_switches_a_copying_route_to_plain_sends():
 
     stats = _run_on(loop, main())
     assert stats["copy_fallback_sockets"] >= 1
-    assert stats["zc_sends"] < 4 + 32
+    # once switched, the rest of a socket's writes go out plainly (how many SEND_ZC went
+    # before that depends on when the notifications came: short sends count too)
+    assert stats["copy_bytes"] >= 1 << 20
     assert stats["pinned_bytes"] == 0
 
 
