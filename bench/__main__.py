@@ -1,377 +1,306 @@
 """Run the benchmarks: asyncio, uvloop and uringloop side by side, in one invocation.
 
-usage: python -m bench [--quick] [--rounds N] [--seconds S] [--modes sock,streams,protocol]
-                       [--sizes 1024,16384,262144] [--conns 1,16,128]
-                       [--loops asyncio,uvloop,uringloop] [--no-micro] [--no-reference]
-                       [--bulk-sizes 16384,65536,262144,1048576] [--udp-sizes 16384,65000]
-                       [--bulk-mib 512] [--udp-mib 2048] [--out DIR]
+usage: python -m bench [--quick] [--only micro,echo,http,bulk,internals] [--rounds N]
+                       [--seconds S] [--modes sock,streams,protocol] [--sizes 1024,16384,262144]
+                       [--conns 1,16,128] [--loops asyncio,uvloop,uringloop] [--no-reference]
+                       [--http-servers aiohttp,uvicorn,hypercorn] [--http-conns 16,128]
+                       [--bulk-sizes 4096,...] [--udp-sizes 4096,...] [--bulk-mib 512]
+                       [--udp-mib 1024] [--internals async_tree_none,...] [--out DIR]
 
-Every cell runs the loops in alternating order (asyncio, uvloop, uringloop, asyncio, ...)
-for several rounds and reports the median with min/max, and ratios between medians of
-the same invocation. The echo server runs pinned to CPU 0, the C load generator to CPU 1;
-each echo table also has the C echo server on liburing (bench/ring_echo_server.c) as the
-ceiling. Bulk sends run the sender on CPU 0: over loopback TCP to a sink on CPU 1, and as
-UDP into a dead-end veth in a network namespace made for the run (bench/netns.py), the
-one place on a machine without a NIC where zero-copy really skips the copy.
-Results go to bench/results/<date>/ as JSON and Markdown.
+`make bench` runs everything (about an hour); `--quick` a small slice of each part in
+about two minutes. Every cell runs the loops in alternating order (asyncio, uvloop,
+uringloop, asyncio, ...) for several rounds after a warm-up, and reports the median with
+min/max and ratios between medians of the same invocation.
+
+- micro: call_soon, task switches, timers (bench/micro.py).
+- echo: our echo server in sock_*, streams and protocol modes, driven by a C load
+  generator (bench/echo_client.c); the C echo server on liburing (bench/ring_echo_server.c)
+  is in every table as the ceiling, and shows the load generator is not the bottleneck.
+- http: aiohttp and Starlette under uvicorn and hypercorn (bench/http_server.py) loaded by
+  wrk: "Hello, World!" and a 1 MiB response.
+- bulk: one-way sends over loopback TCP and as UDP into a dead-end veth in a network
+  namespace made for the run (bench/netns.py, needs root): throughput and the sender's CPU
+  per GiB for copying, SEND_ZC of bytes and ZeroCopyBuffers.
+- internals: pyperformance's asyncio benchmarks under each loop (bench/loop_internals.py).
+
+Servers and senders run on CPU 0, load generators and sinks on CPU 1. Results go to
+bench/results/<date>/results-<time>.{json,md} with PNG plots beside them.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
-import platform
 import shutil
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from . import bulk, netns
+from . import bulk, loop_internals, netns, runners
 from .loops import LOOPS
+from .report import Report, environment, progress, write
 
 HERE = Path(__file__).resolve().parent
-BUILD = HERE / ".build"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-# The C echo server on liburing: what the machine can do without Python.
-REFERENCE = "c-liburing"
+PARTS = ("micro", "echo", "http", "bulk", "internals")
+
+FULL = {
+    "rounds": 5,
+    "seconds": 3.0,
+    "modes": "sock,streams,protocol",
+    "sizes": "1024,16384,262144",
+    "conns": "1,16,128",
+    "http_servers": "aiohttp,uvicorn,hypercorn",
+    "http_conns": "16,128",
+    "http_paths": "/,/1m",
+    "bulk_sizes": "4096,16384,65536,262144,1048576,4194304",
+    "udp_sizes": "4096,16384,32768,65000",
+    "bulk_mib": 512,
+    "udp_mib": 1024,
+    "internals": ",".join(b[0] for b in loop_internals.BENCHMARKS),
+}
+QUICK = {
+    "rounds": 3,
+    "seconds": 0.5,
+    "modes": "protocol",
+    "sizes": "1024,262144",
+    "conns": "16",
+    "http_servers": "aiohttp,uvicorn",
+    "http_conns": "64",
+    "http_paths": "/",
+    "bulk_sizes": "65536",
+    "udp_sizes": "65000",
+    "bulk_mib": 64,
+    "udp_mib": 64,
+    "internals": ",".join(loop_internals.QUICK),
+}
 
 
-def build(name: str, libs: tuple[str, ...] = ()) -> Path:
-    """Compile bench/<name>.c once (again when the source is newer)."""
-    BUILD.mkdir(exist_ok=True)
-    exe = BUILD / name
-    src = HERE / f"{name}.c"
-    if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
-        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(src), *libs], check=True)
-    return exe
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
-def pinned(cpu: int, argv: list[str]) -> list[str]:
-    if shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1:
-        return ["taskset", "-c", str(cpu), *argv]
-    return argv
+def words(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def run_micro(loop: str, scale: float) -> dict[str, float]:
-    out = subprocess.run(
-        pinned(0, [sys.executable, "-m", "bench.micro", f"--loop={loop}", f"--scale={scale}"]),
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=HERE.parent,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def echo_server_argv(loop: str, mode: str) -> list[str]:
-    if loop == REFERENCE:
-        return [str(build("ring_echo_server", ("-luring",)))]
-    return [sys.executable, "-m", "bench.echo_server", f"--loop={loop}", f"--mode={mode}"]
-
-
-def run_echo(client: Path, loop: str, mode: str, size: int, conns: int, seconds: float) -> dict:
-    server = subprocess.Popen(
-        pinned(0, echo_server_argv(loop, mode)),
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=HERE.parent,
-    )
-    try:
-        line = server.stdout.readline()
-        if not line.startswith("READY"):
-            raise RuntimeError(f"{loop} {mode} server did not start: {line!r}")
-        port = line.split()[1]
-        argv = pinned(1, [str(client), "127.0.0.1", port, str(conns), str(size)])
-        # warm-up, then the timed run
-        subprocess.run([*argv, str(min(0.5, seconds / 4))], capture_output=True, check=True)
-        cpu0 = cpu_seconds(server.pid)
-        out = subprocess.run([*argv, str(seconds)], capture_output=True, text=True, check=True)
-        cpu1 = cpu_seconds(server.pid)
-    finally:
-        server.terminate()
-        server.wait(10)
-        server.stdout.close()
-    result = json.loads(out.stdout)
-    result["server_cpu_us_per_req"] = (cpu1 - cpu0) * 1e6 / max(result["requests"], 1)
-    return result
-
-
-def bulk_argv(variant: str, proto: str, size: int, total: int, extra: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "bench.bulk",
-        f"--proto={proto}",
-        f"--loop={variant}",
-        f"--size={size}",
-        f"--total={total}",
-        *extra,
-    ]
-
-
-def run_bulk_tcp(variant: str, size: int, total: int) -> dict:
-    sink = subprocess.Popen(
-        pinned(1, [sys.executable, "-m", "bench.bulk", "--sink"]),
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=HERE.parent,
-    )
-    try:
-        port = sink.stdout.readline().split()[1]
-        out = subprocess.run(
-            pinned(0, bulk_argv(variant, "tcp", size, total, [f"--port={port}"])),
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=HERE.parent,
-        )
-        sink.stdout.readline()  # DONE
-    finally:
-        sink.terminate()
-        sink.wait(10)
-        sink.stdout.close()
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def run_bulk_udp(namespace: str, variant: str, size: int, total: int) -> dict:
-    argv = bulk_argv(variant, "udp", size, total, [f"--addr={netns.DEAD_END}"])
-    out = subprocess.run(
-        netns.in_namespace(namespace, pinned(0, argv)),
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=HERE.parent,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def summarize(samples: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
-
-
-def environment() -> dict[str, str]:
-    versions = {}
-    for mod in ("uvloop", "uringloop"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except Exception as exc:  # recorded, not hidden: a missing loop shows in the report
-            versions[mod] = f"unavailable ({exc})"
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "kernel": platform.release(),
-        "machine": platform.machine(),
-        "cpus": str(os.cpu_count()),
-        "python": platform.python_version(),
-        **versions,
-    }
-
-
-class Report:
-    """Rows of medians (min-max) with ratios computed within this invocation."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def header(self, title: str, columns: list[str], ratios: list[tuple[str, str]]) -> None:
-        self.columns, self.ratios = columns, ratios
-        labels = [f"{a} / {b}" for a, b in ratios]
-        self.lines += [
-            "",
-            f"| {title} | " + " | ".join(columns) + " | " + " | ".join(labels) + " |",
-            "|---|" + "---|" * (len(columns) + len(ratios)),
-        ]
-
-    def row(self, name: str, per: dict[str, list[float]], unit: str, higher_is_better=True):
-        stats = {k: summarize(v) for k, v in per.items()}
-        med = {k: s["median"] for k, s in stats.items()}
-        cells = [
-            f"{med[c]:,.0f} {unit} ({stats[c]['min']:,.0f}-{stats[c]['max']:,.0f})"
-            if c in med
-            else "n/a"
-            for c in self.columns
-        ]
-        for a, b in self.ratios:
-            if a in med and b in med and med[b]:
-                r = med[a] / med[b]
-                cells.append(f"{r:.2f}x" + ("" if higher_is_better else " (lower is better)"))
-            else:
-                cells.append("n/a")
-        self.lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        print(self.lines[-1], flush=True)
-        return stats
-
-
-def reference_server_available() -> bool:
-    try:
-        build("ring_echo_server", ("-luring",))
-        return True
-    except (OSError, subprocess.CalledProcessError):
-        return False
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench")
+    ap.add_argument("--quick", action="store_true", help="a slice of each part, ~2 minutes")
+    ap.add_argument("--only", default=",".join(PARTS), help="parts to run: " + ",".join(PARTS))
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--seconds", type=float, help="timed seconds per echo/HTTP run")
+    ap.add_argument("--loops", default=",".join(LOOPS))
+    ap.add_argument("--no-reference", action="store_true", help="no C liburing echo server")
+    for key in FULL:
+        if key not in ("rounds", "seconds"):
+            ap.add_argument("--" + key.replace("_", "-"), type=type(FULL[key]))
+    ap.add_argument("--no-micro", action="store_true", help="same as leaving micro out of --only")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    defaults = QUICK if args.quick else FULL
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.parts = [p for p in words(args.only) if not (p == "micro" and args.no_micro)]
+    unknown = set(args.parts) - set(PARTS)
+    if unknown:
+        ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
+    return args
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench")
-    ap.add_argument("--quick", action="store_true", help="short runs (about two minutes)")
-    ap.add_argument("--rounds", type=int)
-    ap.add_argument("--seconds", type=float)
-    ap.add_argument("--modes", default="sock,streams,protocol")
-    ap.add_argument("--sizes", default="1024")
-    ap.add_argument("--conns", default="16")
-    ap.add_argument("--loops", default=",".join(LOOPS))
-    ap.add_argument("--no-micro", action="store_true")
-    ap.add_argument(
-        "--no-reference", action="store_true", help="leave out the C liburing echo server"
-    )
-    ap.add_argument("--bulk-sizes", default="", help="TCP, e.g. 16384,65536,262144,1048576")
-    ap.add_argument("--udp-sizes", default="", help="UDP to a dead-end veth, e.g. 16384,65000")
-    ap.add_argument("--bulk-mib", type=int, default=512, help="MiB per TCP bulk run")
-    ap.add_argument("--udp-mib", type=int, default=2048, help="MiB per UDP bulk run")
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
-    rounds = args.rounds or (3 if args.quick else 5)
-    seconds = args.seconds or (1.0 if args.quick else 3.0)
-    loops = args.loops.split(",")
-    modes = [m for m in args.modes.split(",") if m]
-    sizes = [int(s) for s in args.sizes.split(",") if s]
-    conns = [int(c) for c in args.conns.split(",") if c]
-    client = build("echo_client")
+    args = parse_args()
+    loops = words(args.loops)
+    rounds = args.rounds
     env = environment()
-    print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    results: dict = {"environment": env, "rounds": rounds, "seconds": args.seconds}
+    results.update(micro={}, echo=[], http=[], bulk=[], internals={}, notes=[])
 
-    results: dict = {"environment": env, "rounds": rounds, "seconds": seconds}
-    results.update(micro={}, echo=[], bulk=[], notes=[])
-    report = Report()
+    modes, sizes, conns = words(args.modes), ints(args.sizes), ints(args.conns)
+    echo_servers = list(loops)
+    if "echo" in args.parts and not args.no_reference:
+        if runners.reference_server_available():
+            echo_servers.append(runners.REFERENCE)
+        else:
+            results["notes"].append("C reference server not built (gcc or liburing missing)")
+    http_cells = [
+        (server, path, c)
+        for server in words(args.http_servers)
+        for path in words(args.http_paths)
+        for c in ints(args.http_conns)
+    ]
+    if "http" in args.parts and shutil.which("wrk") is None:
+        results["notes"].append("HTTP skipped: wrk is not installed (apt-get install wrk)")
+        args.parts.remove("http")
+    variants = [v for v in bulk.VARIANTS if v.split("-")[0] in loops]
+    udp_reason = netns.unavailable_reason()
+    if "bulk" in args.parts and udp_reason and ints(args.udp_sizes):
+        results["notes"].append(f"UDP bulk skipped: {udp_reason}")
+    udp_sizes = [] if udp_reason else ints(args.udp_sizes)
+    internals = loop_internals.available(tuple(words(args.internals)))
+    if "internals" in args.parts and not internals:
+        results["notes"].append("internals skipped: pyperformance is not installed")
 
-    def ratios_to(base: tuple[str, ...], cols: list[str]) -> list[tuple[str, str]]:
-        return [(a, b) for a in ("uringloop", REFERENCE) for b in base if a in cols and b in cols]
+    planned = {
+        "micro": rounds * len(loops),
+        "echo": rounds * len(modes) * len(sizes) * len(conns) * len(echo_servers),
+        "http": rounds * len(http_cells) * len(loops),
+        "bulk": rounds * (len(ints(args.bulk_sizes)) + len(udp_sizes)) * len(variants),
+        "internals": len(internals) * len(loops),
+    }
+    bar = progress(sum(planned[p] for p in args.parts))
+    report = Report(echo=bar.write)
+    bar.write("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
 
-    if not args.no_micro:
-        report.header("loop micro-benchmark", loops, ratios_to(("uvloop", "asyncio"), loops))
+    def step(what: str) -> None:
+        bar.set_description(what)
+
+    def done() -> None:
+        bar.update(1)
+
+    def ratios(cols: list[str], base=("uvloop", "asyncio")) -> list[tuple[str, str]]:
+        return [
+            (a, b)
+            for a in ("uringloop", runners.REFERENCE)
+            for b in base
+            if a in cols and b in cols
+        ]
+
+    if "micro" in args.parts:
+        report.header("loop micro-benchmark", loops, ratios(loops))
         samples: dict[str, dict[str, list[float]]] = {}
         for _ in range(rounds):
             for lp in loops:
-                for key, value in run_micro(lp, 0.3 if args.quick else 1.0).items():
+                step(f"micro {lp}")
+                for key, value in runners.run_micro(lp, 0.3 if args.quick else 1.0).items():
                     samples.setdefault(key, {}).setdefault(lp, []).append(value)
+                done()
         for key, per_loop in samples.items():
             results["micro"][key] = report.row(key, per_loop, "/s")
 
-    servers = list(loops)
-    if not args.no_reference and modes and sizes and conns:
-        if reference_server_available():
-            servers.append(REFERENCE)
-        else:
-            results["notes"].append("C reference server not built (gcc or liburing missing)")
-    if modes and sizes and conns:
-        report.header("echo", servers, ratios_to(("uvloop", "asyncio"), servers))
-    for mode in modes:
-        for size in sizes:
-            for c in conns:
-                rps: dict[str, list[float]] = {}
-                cpu: dict[str, list[float]] = {}
-                p99: dict[str, list[float]] = {}
-                for _ in range(rounds):
-                    for lp in servers:
-                        r = run_echo(client, lp, mode, size, c, seconds)
-                        rps.setdefault(lp, []).append(r["rps"])
-                        cpu.setdefault(lp, []).append(r["server_cpu_us_per_req"])
-                        p99.setdefault(lp, []).append(r["p99_us"])
-                name = f"echo {mode} {size} B x{c}"
-                results["echo"].append(
-                    {
-                        "mode": mode,
-                        "size": size,
-                        "conns": c,
-                        "rps": report.row(name + " req/s", rps, "req/s"),
-                        "server_cpu_us_per_req": report.row(
-                            name + " server CPU", cpu, "us/req", False
-                        ),
-                        "p99_us": report.row(name + " p99", p99, "us", False),
-                    }
-                )
+    if "echo" in args.parts and modes and sizes and conns:
+        client = runners.build("echo_client")
+        report.header("echo", echo_servers, ratios(echo_servers))
+        for mode in modes:
+            for size in sizes:
+                for c in conns:
+                    per: dict[str, dict[str, list[float]]] = {}
+                    for _ in range(rounds):
+                        for lp in echo_servers:
+                            step(f"echo {mode} {size} B x{c} {lp}")
+                            r = runners.run_echo(client, lp, mode, size, c, args.seconds)
+                            for key in ("rps", "server_cpu_us_per_req", "p50_us", "p99_us"):
+                                per.setdefault(key, {}).setdefault(lp, []).append(r[key])
+                            done()
+                    name = f"echo {mode} {size} B x{c}"
+                    results["echo"].append(
+                        {
+                            "mode": mode,
+                            "size": size,
+                            "conns": c,
+                            "rps": report.row(f"{name} req/s", per["rps"], "req/s"),
+                            "server_cpu_us_per_req": report.row(
+                                f"{name} server CPU", per["server_cpu_us_per_req"], "us/req", False
+                            ),
+                            "p50_us": report.row(f"{name} p50", per["p50_us"], "us", False),
+                            "p99_us": report.row(f"{name} p99", per["p99_us"], "us", False),
+                        }
+                    )
 
-    variants = [v for v in bulk.VARIANTS if v.split("-")[0] in loops]
-    bulk_ratios = [
-        (a, b)
-        for a, b in (
-            ("uringloop", "uringloop-copy"),
-            ("uringloop-fixed", "uringloop-copy"),
-            ("uringloop-fixed-copy", "uringloop-copy"),
-            ("uringloop", "uvloop"),
-            ("uringloop-fixed", "uvloop"),
-        )
-        if a in variants and b in variants
-    ]
-    total = args.bulk_mib << 20
+    if "http" in args.parts and http_cells:
+        report.header("HTTP (wrk, 1 thread)", loops, ratios(loops))
+        for server, path, c in http_cells:
+            per = {}
+            for _ in range(rounds):
+                for lp in loops:
+                    step(f"http {server} {path} x{c} {lp}")
+                    r = runners.run_http(lp, server, path, c, args.seconds)
+                    for key in ("rps", "server_cpu_us_per_req", "p50_us", "p99_us"):
+                        per.setdefault(key, {}).setdefault(lp, []).append(r[key])
+                    done()
+            name = f"{server} GET {path} x{c}"
+            results["http"].append(
+                {
+                    "server": server,
+                    "path": path,
+                    "conns": c,
+                    "rps": report.row(f"{name} req/s", per["rps"], "req/s"),
+                    "server_cpu_us_per_req": report.row(
+                        f"{name} server CPU", per["server_cpu_us_per_req"], "us/req", False
+                    ),
+                    "p50_us": report.row(f"{name} p50", per["p50_us"], "us", False),
+                    "p99_us": report.row(f"{name} p99", per["p99_us"], "us", False),
+                }
+            )
 
-    def bulk_rows(proto: str, size: int, runner) -> None:
-        rate: dict[str, list[float]] = {}
-        cpu: dict[str, list[float]] = {}
-        kernel: dict[str, list[float]] = {}
-        for _ in range(rounds):
-            for v in variants:
-                r = runner(v)
-                rate.setdefault(v, []).append(r["gbytes_per_s"] * 1000)
-                cpu.setdefault(v, []).append(r["cpu_s_per_gib"] * 1000)
-                kernel.setdefault(v, []).append(r["kernel_cpu_s_per_gib"] * 1000)
-        name = f"bulk {proto} {size} B writes"
-        results["bulk"].append(
-            {
-                "proto": proto,
-                "size": size,
-                "mbytes_per_s": report.row(name + " MB/s", rate, "MB/s"),
-                "cpu_ms_per_gib": report.row(name + " sender CPU", cpu, "ms/GiB", False),
-                "kernel_cpu_ms_per_gib": report.row(
-                    name + " sender kernel CPU", kernel, "ms/GiB", False
-                ),
-            }
-        )
+    if "bulk" in args.parts:
+        bulk_ratios = [
+            (a, b)
+            for a, b in (
+                ("uringloop", "uringloop-copy"),
+                ("uringloop-fixed", "uringloop-copy"),
+                ("uringloop-fixed-copy", "uringloop-copy"),
+                ("uringloop-copy", "uvloop"),
+                ("uringloop-fixed", "uvloop"),
+            )
+            if a in variants and b in variants
+        ]
 
-    tcp_sizes = [int(s) for s in args.bulk_sizes.split(",") if s]
-    if tcp_sizes:
-        report.header("bulk send, loopback TCP", variants, bulk_ratios)
-    for size in tcp_sizes:
-        bulk_rows("tcp", size, lambda v, size=size: run_bulk_tcp(v, size, total))
+        def bulk_rows(proto: str, size: int, run) -> None:
+            per: dict[str, dict[str, list[float]]] = {}
+            for _ in range(rounds):
+                for v in variants:
+                    step(f"bulk {proto} {size} B {v}")
+                    r = run(v)
+                    per.setdefault("rate", {}).setdefault(v, []).append(r["gbytes_per_s"] * 1e3)
+                    per.setdefault("cpu", {}).setdefault(v, []).append(r["cpu_s_per_gib"] * 1e3)
+                    per.setdefault("kernel", {}).setdefault(v, []).append(
+                        r["kernel_cpu_s_per_gib"] * 1e3
+                    )
+                    done()
+            name = f"bulk {proto} {size} B writes"
+            results["bulk"].append(
+                {
+                    "proto": proto,
+                    "size": size,
+                    "mbytes_per_s": report.row(f"{name} MB/s", per["rate"], "MB/s"),
+                    "cpu_ms_per_gib": report.row(f"{name} sender CPU", per["cpu"], "ms/GiB", False),
+                    "kernel_cpu_ms_per_gib": report.row(
+                        f"{name} sender kernel CPU", per["kernel"], "ms/GiB", False
+                    ),
+                }
+            )
 
-    udp_sizes = [int(s) for s in args.udp_sizes.split(",") if s]
-    if udp_sizes:
-        reason = netns.unavailable_reason()
-        if reason:
-            print(f"UDP bulk skipped: {reason}", flush=True)
-            results["notes"].append(f"UDP bulk skipped: {reason}")
-        else:
+        tcp_sizes = ints(args.bulk_sizes)
+        if tcp_sizes:
+            report.header("bulk send, loopback TCP", variants, bulk_ratios)
+        for size in tcp_sizes:
+            bulk_rows(
+                "tcp", size, lambda v, size=size: runners.run_bulk_tcp(v, size, args.bulk_mib << 20)
+            )
+        if udp_sizes:
             report.header("bulk send, UDP into a dead-end veth", variants, bulk_ratios)
-            udp_total = args.udp_mib << 20
             with netns.dead_end_namespace() as ns:
                 for size in udp_sizes:
                     bulk_rows(
-                        "udp", size, lambda v, size=size: run_bulk_udp(ns, v, size, udp_total)
+                        "udp",
+                        size,
+                        lambda v, size=size: runners.run_bulk_udp(ns, v, size, args.udp_mib << 20),
                     )
 
+    if "internals" in args.parts and internals:
+        report.header("pyperformance (seconds per run)", loops, ratios(loops))
+        for name, _, _ in internals:
+            per_loop: dict[str, list[float]] = {}
+            for lp in loops:
+                step(f"internals {name} {lp}")
+                per_loop[lp] = [loop_internals.run(name, lp, args.quick)]
+                done()
+            results["internals"][name] = report.row(name, per_loop, "s", False)
+
+    bar.close()
     out_dir = args.out or HERE / "results" / datetime.date.today().isoformat()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%H%M%S")
-    (out_dir / f"results-{stamp}.json").write_text(json.dumps(results, indent=2))
-    cmd = "python -m bench " + " ".join(sys.argv[1:])
-    (out_dir / f"results-{stamp}.md").write_text(
-        f"# Benchmark results\n\n`{cmd}`\n\n"
-        + ", ".join(f"{k}: {v}" for k, v in env.items())
-        + f"\n\nmedian of {rounds} alternating rounds (min-max); server (or sender) on CPU 0,"
-        + " load generator (or sink) on CPU 1\n"
-        + "\n".join(report.lines)
-        + "\n"
-        + "".join(f"\n{n}\n" for n in results["notes"])
-    )
-    print(f"results written to {out_dir}/results-{stamp}.{{json,md}}")
+    json_path, md_path = write(results, report, out_dir, sys.argv[1:])
+    print(f"results written to {json_path} and {md_path}")
     return 0
 
 

@@ -1,0 +1,207 @@
+"""How each benchmark is run: one subprocess per server or sender, pinned to a CPU.
+
+Every function here starts what it measures in its own process (a fresh loop, no state
+carried between cells) and returns the numbers of one run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from . import netns
+
+HERE = Path(__file__).resolve().parent
+BUILD = HERE / ".build"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# The C echo server on liburing: what the machine can do without Python.
+REFERENCE = "c-liburing"
+
+
+def build(name: str, libs: tuple[str, ...] = ()) -> Path:
+    """Compile bench/<name>.c once (again when the source is newer)."""
+    BUILD.mkdir(exist_ok=True)
+    exe = BUILD / name
+    src = HERE / f"{name}.c"
+    if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
+        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(src), *libs], check=True)
+    return exe
+
+
+def pinned(cpu: int, argv: list[str]) -> list[str]:
+    if shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1:
+        return ["taskset", "-c", str(cpu), *argv]
+    return argv
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def run_micro(loop: str, scale: float) -> dict[str, float]:
+    out = subprocess.run(
+        pinned(0, [sys.executable, "-m", "bench.micro", f"--loop={loop}", f"--scale={scale}"]),
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=HERE.parent,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def echo_server_argv(loop: str, mode: str) -> list[str]:
+    if loop == REFERENCE:
+        return [str(build("ring_echo_server", ("-luring",)))]
+    return [sys.executable, "-m", "bench.echo_server", f"--loop={loop}", f"--mode={mode}"]
+
+
+def run_echo(client: Path, loop: str, mode: str, size: int, conns: int, seconds: float) -> dict:
+    server = subprocess.Popen(
+        pinned(0, echo_server_argv(loop, mode)),
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=HERE.parent,
+    )
+    try:
+        line = server.stdout.readline()
+        if not line.startswith("READY"):
+            raise RuntimeError(f"{loop} {mode} server did not start: {line!r}")
+        port = line.split()[1]
+        argv = pinned(1, [str(client), "127.0.0.1", port, str(conns), str(size)])
+        # warm-up, then the timed run
+        subprocess.run([*argv, str(min(0.5, seconds / 4))], capture_output=True, check=True)
+        cpu0 = cpu_seconds(server.pid)
+        out = subprocess.run([*argv, str(seconds)], capture_output=True, text=True, check=True)
+        cpu1 = cpu_seconds(server.pid)
+    finally:
+        server.terminate()
+        server.wait(10)
+        server.stdout.close()
+    result = json.loads(out.stdout)
+    result["server_cpu_us_per_req"] = (cpu1 - cpu0) * 1e6 / max(result["requests"], 1)
+    return result
+
+
+def bulk_argv(variant: str, proto: str, size: int, total: int, extra: list[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "bench.bulk",
+        f"--proto={proto}",
+        f"--loop={variant}",
+        f"--size={size}",
+        f"--total={total}",
+        *extra,
+    ]
+
+
+def run_bulk_tcp(variant: str, size: int, total: int) -> dict:
+    sink = subprocess.Popen(
+        pinned(1, [sys.executable, "-m", "bench.bulk", "--sink"]),
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=HERE.parent,
+    )
+    try:
+        port = sink.stdout.readline().split()[1]
+        out = subprocess.run(
+            pinned(0, bulk_argv(variant, "tcp", size, total, [f"--port={port}"])),
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=HERE.parent,
+        )
+        sink.stdout.readline()  # DONE
+    finally:
+        sink.terminate()
+        sink.wait(10)
+        sink.stdout.close()
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_bulk_udp(namespace: str, variant: str, size: int, total: int) -> dict:
+    argv = bulk_argv(variant, "udp", size, total, [f"--addr={netns.DEAD_END}"])
+    out = subprocess.run(
+        netns.in_namespace(namespace, pinned(0, argv)),
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=HERE.parent,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _wrk_time_us(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
+    return float(value) * {"us": 1, "ms": 1e3, "s": 1e6}[unit]
+
+
+def parse_wrk(output: str) -> dict:
+    """Requests/s and latency percentiles from `wrk --latency` output."""
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
+    latency = {
+        int(p): _wrk_time_us(v)
+        for p, v in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)$", output, re.MULTILINE)
+    }
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    socket_errors = re.search(r"Socket errors: (.*)$", output, re.MULTILINE)
+    if errors or socket_errors:
+        raise RuntimeError(f"wrk saw errors: {output[-500:]}")
+    return {"rps": rps, "p50_us": latency[50], "p99_us": latency[99]}
+
+
+def run_http(loop: str, server_name: str, path: str, conns: int, seconds: float) -> dict:
+    """wrk against one HTTP server (bench.http_server) on `loop`, server on CPU 0."""
+    server = subprocess.Popen(
+        pinned(
+            0,
+            [
+                sys.executable,
+                "-m",
+                "bench.http_server",
+                f"--loop={loop}",
+                f"--server={server_name}",
+            ],
+        ),
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=HERE.parent,
+    )
+    try:
+        line = server.stdout.readline()
+        if not line.startswith("READY"):
+            raise RuntimeError(f"{server_name} on {loop} did not start: {line!r}")
+        url = f"http://127.0.0.1:{line.split()[1]}{path}"
+        wrk = ["wrk", "-t1", f"-c{conns}", "--latency"]
+        subprocess.run(pinned(1, [*wrk, "-d1s", url]), capture_output=True, check=True)
+        cpu0 = cpu_seconds(server.pid)
+        out = subprocess.run(
+            pinned(1, [*wrk, f"-d{max(1, round(seconds))}s", url]),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        cpu1 = cpu_seconds(server.pid)
+    finally:
+        server.terminate()
+        server.wait(10)
+        server.stdout.close()
+    result = parse_wrk(out.stdout)
+    requests = result["rps"] * max(1, round(seconds))
+    result["server_cpu_us_per_req"] = (cpu1 - cpu0) * 1e6 / max(requests, 1)
+    return result
+
+
+def reference_server_available() -> bool:
+    try:
+        build("ring_echo_server", ("-luring",))
+        return True
+    except (OSError, subprocess.CalledProcessError):
+        return False
