@@ -2149,8 +2149,13 @@ static void zcbuf_unlend(PyObject *obj)
         return;
     PyObject *fut = b->released;
     b->released = NULL;
-    /* A closed loop (loop.close() drains the ring) cannot run the waiter anyway,
-       and scheduling its callbacks would raise. */
+    /* A closed loop (loop.close() drains the ring) cannot run the waiter anyway, and
+       scheduling its callbacks would raise; a pool the garbage collector cleared has
+       no loop left at all (this can run from a record freed during that collection). */
+    if (!b->pool->loop) {
+        Py_DECREF(fut);
+        return;
+    }
     PyObject *closed = PyObject_CallMethod(b->pool->loop, "is_closed", NULL);
     if (!closed) {
         PyErr_WriteUnraisable(obj);
@@ -2281,6 +2286,10 @@ static PyObject *ZeroCopyBuffer_get_released(ZeroCopyBuffer *b, void *c)
     if (b->lends > 0 && b->released) {
         Py_INCREF(b->released);
         return b->released;
+    }
+    if (!b->pool->loop) {
+        PyErr_SetString(PyExc_RuntimeError, "the loop of this ZeroCopyBuffer is gone");
+        return NULL;
     }
     PyObject *fut = PyObject_CallMethod(b->pool->loop, "create_future", NULL);
     if (!fut)
