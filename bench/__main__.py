@@ -157,6 +157,25 @@ def main() -> int:
     def done() -> None:
         bar.update(1)
 
+    def measure_cell(name: str, servers: list[str], run) -> dict:
+        """Rounds of alternating servers under load: req/s, server CPU, p50 and p99 rows."""
+        per: dict[str, dict[str, list[float]]] = {}
+        for _ in range(rounds):
+            for lp in servers:
+                step(f"{name} {lp}")
+                r = run(lp)
+                for key in ("rps", "server_cpu_us_per_req", "p50_us", "p99_us"):
+                    per.setdefault(key, {}).setdefault(lp, []).append(r[key])
+                done()
+        return {
+            "rps": report.row(f"{name} req/s", per["rps"], "req/s"),
+            "server_cpu_us_per_req": report.row(
+                f"{name} server CPU", per["server_cpu_us_per_req"], "us/req", False
+            ),
+            "p50_us": report.row(f"{name} p50", per["p50_us"], "us", False),
+            "p99_us": report.row(f"{name} p99", per["p99_us"], "us", False),
+        }
+
     def ratios(cols: list[str], base=("uvloop", "asyncio")) -> list[tuple[str, str]]:
         return [
             (a, b)
@@ -183,54 +202,27 @@ def main() -> int:
         for mode in modes:
             for size in sizes:
                 for c in conns:
-                    per: dict[str, dict[str, list[float]]] = {}
-                    for _ in range(rounds):
-                        for lp in echo_servers:
-                            step(f"echo {mode} {size} B x{c} {lp}")
-                            r = runners.run_echo(client, lp, mode, size, c, args.seconds)
-                            for key in ("rps", "server_cpu_us_per_req", "p50_us", "p99_us"):
-                                per.setdefault(key, {}).setdefault(lp, []).append(r[key])
-                            done()
                     name = f"echo {mode} {size} B x{c}"
-                    results["echo"].append(
-                        {
-                            "mode": mode,
-                            "size": size,
-                            "conns": c,
-                            "rps": report.row(f"{name} req/s", per["rps"], "req/s"),
-                            "server_cpu_us_per_req": report.row(
-                                f"{name} server CPU", per["server_cpu_us_per_req"], "us/req", False
-                            ),
-                            "p50_us": report.row(f"{name} p50", per["p50_us"], "us", False),
-                            "p99_us": report.row(f"{name} p99", per["p99_us"], "us", False),
-                        }
+                    rows = measure_cell(
+                        name,
+                        echo_servers,
+                        lambda lp, mode=mode, size=size, c=c: runners.run_echo(
+                            client, lp, mode, size, c, args.seconds
+                        ),
                     )
+                    results["echo"].append({"mode": mode, "size": size, "conns": c, **rows})
 
     if "http" in args.parts and http_cells:
         report.header("HTTP (wrk, 1 thread)", loops, ratios(loops))
         for server, path, c in http_cells:
-            per = {}
-            for _ in range(rounds):
-                for lp in loops:
-                    step(f"http {server} {path} x{c} {lp}")
-                    r = runners.run_http(lp, server, path, c, args.seconds)
-                    for key in ("rps", "server_cpu_us_per_req", "p50_us", "p99_us"):
-                        per.setdefault(key, {}).setdefault(lp, []).append(r[key])
-                    done()
-            name = f"{server} GET {path} x{c}"
-            results["http"].append(
-                {
-                    "server": server,
-                    "path": path,
-                    "conns": c,
-                    "rps": report.row(f"{name} req/s", per["rps"], "req/s"),
-                    "server_cpu_us_per_req": report.row(
-                        f"{name} server CPU", per["server_cpu_us_per_req"], "us/req", False
-                    ),
-                    "p50_us": report.row(f"{name} p50", per["p50_us"], "us", False),
-                    "p99_us": report.row(f"{name} p99", per["p99_us"], "us", False),
-                }
+            rows = measure_cell(
+                f"{server} GET {path} x{c}",
+                loops,
+                lambda lp, server=server, path=path, c=c: runners.run_http(
+                    lp, server, path, c, args.seconds
+                ),
             )
+            results["http"].append({"server": server, "path": path, "conns": c, **rows})
 
     if "bulk" in args.parts:
         bulk_ratios = [

@@ -6,12 +6,14 @@ carried between cells) and returns the numbers of one run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from . import netns
@@ -62,28 +64,29 @@ def echo_server_argv(loop: str, mode: str) -> list[str]:
     return [sys.executable, "-m", "bench.echo_server", f"--loop={loop}", f"--mode={mode}"]
 
 
-def run_echo(client: Path, loop: str, mode: str, size: int, conns: int, seconds: float) -> dict:
-    server = subprocess.Popen(
-        pinned(0, echo_server_argv(loop, mode)),
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=HERE.parent,
-    )
+@contextlib.contextmanager
+def server_on_cpu0(argv: list[str], what: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Start a server that prints "READY <port>", pinned to CPU 0; yield it and its port."""
+    server = subprocess.Popen(pinned(0, argv), stdout=subprocess.PIPE, text=True, cwd=HERE.parent)
     try:
         line = server.stdout.readline()
         if not line.startswith("READY"):
-            raise RuntimeError(f"{loop} {mode} server did not start: {line!r}")
-        port = line.split()[1]
+            raise RuntimeError(f"{what} did not start: {line!r}")
+        yield server, line.split()[1]
+    finally:
+        server.terminate()
+        server.wait(10)
+        server.stdout.close()
+
+
+def run_echo(client: Path, loop: str, mode: str, size: int, conns: int, seconds: float) -> dict:
+    with server_on_cpu0(echo_server_argv(loop, mode), f"{loop} {mode} server") as (server, port):
         argv = pinned(1, [str(client), "127.0.0.1", port, str(conns), str(size)])
         # warm-up, then the timed run
         subprocess.run([*argv, str(min(0.5, seconds / 4))], capture_output=True, check=True)
         cpu0 = cpu_seconds(server.pid)
         out = subprocess.run([*argv, str(seconds)], capture_output=True, text=True, check=True)
         cpu1 = cpu_seconds(server.pid)
-    finally:
-        server.terminate()
-        server.wait(10)
-        server.stdout.close()
     result = json.loads(out.stdout)
     result["server_cpu_us_per_req"] = (cpu1 - cpu0) * 1e6 / max(result["requests"], 1)
     return result
@@ -159,43 +162,19 @@ def parse_wrk(output: str) -> dict:
 
 def run_http(loop: str, server_name: str, path: str, conns: int, seconds: float) -> dict:
     """wrk against one HTTP server (bench.http_server) on `loop`, server on CPU 0."""
-    server = subprocess.Popen(
-        pinned(
-            0,
-            [
-                sys.executable,
-                "-m",
-                "bench.http_server",
-                f"--loop={loop}",
-                f"--server={server_name}",
-            ],
-        ),
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=HERE.parent,
-    )
-    try:
-        line = server.stdout.readline()
-        if not line.startswith("READY"):
-            raise RuntimeError(f"{server_name} on {loop} did not start: {line!r}")
-        url = f"http://127.0.0.1:{line.split()[1]}{path}"
+    argv = [sys.executable, "-m", "bench.http_server", f"--loop={loop}", f"--server={server_name}"]
+    with server_on_cpu0(argv, f"{server_name} on {loop}") as (server, port):
+        url = f"http://127.0.0.1:{port}{path}"
         wrk = ["wrk", "-t1", f"-c{conns}", "--latency"]
         subprocess.run(pinned(1, [*wrk, "-d1s", url]), capture_output=True, check=True)
         cpu0 = cpu_seconds(server.pid)
+        duration = max(1, round(seconds))
         out = subprocess.run(
-            pinned(1, [*wrk, f"-d{max(1, round(seconds))}s", url]),
-            capture_output=True,
-            text=True,
-            check=True,
+            pinned(1, [*wrk, f"-d{duration}s", url]), capture_output=True, text=True, check=True
         )
         cpu1 = cpu_seconds(server.pid)
-    finally:
-        server.terminate()
-        server.wait(10)
-        server.stdout.close()
     result = parse_wrk(out.stdout)
-    requests = result["rps"] * max(1, round(seconds))
-    result["server_cpu_us_per_req"] = (cpu1 - cpu0) * 1e6 / max(requests, 1)
+    result["server_cpu_us_per_req"] = (cpu1 - cpu0) * 1e6 / max(result["rps"] * duration, 1)
     return result
 
 
