@@ -14,7 +14,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <liburing.h>
+#include "../native/compat.h" /* flag names newer than Debian's liburing 2.3 */
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdint.h>
@@ -23,13 +23,6 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
-
-#ifndef IORING_SETUP_SINGLE_ISSUER
-#define IORING_SETUP_SINGLE_ISSUER (1U << 12)
-#endif
-#ifndef IORING_SETUP_DEFER_TASKRUN
-#define IORING_SETUP_DEFER_TASKRUN (1U << 13)
-#endif
 
 enum { OP_ACCEPT = 1, OP_RECV, OP_SEND };
 
