@@ -668,12 +668,18 @@ static void complete_op(Ring *r, ul_op *op, int res, unsigned flags)
             }
         }
         break;
-    case UL_CONNECT:
+    case UL_RESULT:
         if (!gone) {
-            if (res < 0)
+            if (res < 0) {
                 fut_fail(op->fut, -res);
-            else
-                fut_resolve(op->fut, Py_None, 0);
+            } else {
+                PyObject *n = PyLong_FromLong(res);
+                if (n)
+                    fut_resolve(op->fut, n, 0);
+                else
+                    PyErr_WriteUnraisable(op->fut);
+                Py_XDECREF(n);
+            }
         }
         break;
     default:
@@ -820,6 +826,7 @@ typedef struct {
     /* multishot receive: this batch's ring buffers, delivered together by rx_deliver_ready */
     uint8_t rx_multi, rx_ready, rx_ended, rx_bulk, rx_small_reads;
     uint8_t pin_waiting; /* on the ring's pin_waiters list */
+    uint8_t sendfile_active; /* loop.sendfile() owns the socket's send side */
     int rx_res;   /* the ended recv's final result (0 EOF, -errno) */
     int held_end; /* while paused: 1 EOF, -errno an error, to report after the held data */
     struct rx_seg {
@@ -1833,6 +1840,10 @@ static PyObject *Stream_write(Stream *s, PyObject *data)
         PyErr_SetString(PyExc_RuntimeError, "Cannot call write() after write_eof()");
         return NULL;
     }
+    if (s->sendfile_active) {
+        PyErr_SetString(PyExc_RuntimeError, "unable to write; sendfile is in progress");
+        return NULL;
+    }
     if (s->closed)
         Py_RETURN_NONE; /* the connection is gone; asyncio drops such writes too */
     Py_ssize_t len;
@@ -1943,6 +1954,15 @@ static PyObject *Stream_set_eof(Stream *s, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+static PyObject *Stream_set_sendfile_active(Stream *s, PyObject *flag)
+{
+    int on = PyObject_IsTrue(flag);
+    if (on < 0)
+        return NULL;
+    s->sendfile_active = (uint8_t)on;
+    Py_RETURN_NONE;
+}
+
 /* close_now(): stop all I/O at once (abort, fatal error, after a graceful close).
    Requests in the kernel are cancelled; their records keep the memory they use
    until their final CQE (a SEND_ZC until its notification). */
@@ -2041,6 +2061,8 @@ static PyMethodDef Stream_methods[] = {
     {"pause_reading", (PyCFunction)Stream_pause_reading, METH_NOARGS, NULL},
     {"notify_when_flushed", (PyCFunction)Stream_notify_when_flushed, METH_NOARGS, NULL},
     {"set_eof", (PyCFunction)Stream_set_eof, METH_NOARGS, "refuse further writes"},
+    {"set_sendfile_active", (PyCFunction)Stream_set_sendfile_active, METH_O,
+     "while true, write() raises RuntimeError: loop.sendfile() owns the send side"},
     {"close_now", (PyCFunction)Stream_close_now, METH_NOARGS, NULL},
     {"set_protocol", (PyCFunction)Stream_set_protocol, METH_VARARGS, NULL},
     {"set_write_buffer_limits", (PyCFunction)Stream_set_write_buffer_limits, METH_VARARGS, NULL},
@@ -2809,28 +2831,45 @@ static PyObject *Ring_accept(Ring *r, PyObject *args)
 
 /* connect(fd, sockaddr_bytes, fut): the caller packs the address (the socket
    module already knows every family's layout; see _loop.py). */
-static PyObject *Ring_connect(Ring *r, PyObject *args)
+/* splice(fd_in, off_in, fd_out, off_out, nbytes, flags, fut[, link]) -> key: one
+   IORING_OP_SPLICE (offsets of -1 for pipes); fut gets the byte count. With link, the
+   next request prepared starts only after this one moved all nbytes. */
+static PyObject *Ring_splice(Ring *r, PyObject *args)
 {
-    int fd;
-    Py_buffer addr;
+    int fd_in, fd_out, link = 0;
+    long long off_in, off_out;
+    unsigned int nbytes, flags;
     PyObject *fut;
-    if (!PyArg_ParseTuple(args, "iy*O:connect", &fd, &addr, &fut))
+    if (!PyArg_ParseTuple(args, "iLiLIIO|p:splice", &fd_in, &off_in, &fd_out, &off_out, &nbytes,
+                          &flags, &fut, &link))
         return NULL;
-    if (addr.len <= 0 || (size_t)addr.len > sizeof(struct sockaddr_storage)) {
-        PyBuffer_Release(&addr);
-        PyErr_SetString(PyExc_ValueError, "bad socket address length");
-        return NULL;
-    }
     struct io_uring_sqe *sqe;
-    ul_op *op = op_start(r, UL_CONNECT, fd, fut, &sqe);
-    if (!op) {
-        PyBuffer_Release(&addr);
+    ul_op *op = op_start(r, UL_RESULT, fd_out, fut, &sqe);
+    if (!op)
         return NULL;
-    }
-    memcpy(&op->addr, addr.buf, addr.len);
-    op->addrlen = (socklen_t)addr.len;
-    PyBuffer_Release(&addr);
-    io_uring_prep_connect(sqe, fd, (struct sockaddr *)&op->addr, op->addrlen);
+    io_uring_prep_splice(sqe, fd_in, (int64_t)off_in, fd_out, (int64_t)off_out, nbytes, flags);
+    if (link)
+        sqe->flags |= IOSQE_IO_LINK;
+    op_armed(r, op, sqe);
+    return PyLong_FromUnsignedLongLong(op_key(op));
+}
+
+/* poll_once(fd, mask, fut[, link]) -> key: one one-shot POLL_ADD; fut gets the
+   revents. Unlike poll_add (the selector's), it is not re-armed. */
+static PyObject *Ring_poll_once(Ring *r, PyObject *args)
+{
+    int fd, link = 0;
+    unsigned int mask;
+    PyObject *fut;
+    if (!PyArg_ParseTuple(args, "iIO|p:poll_once", &fd, &mask, &fut, &link))
+        return NULL;
+    struct io_uring_sqe *sqe;
+    ul_op *op = op_start(r, UL_RESULT, fd, fut, &sqe);
+    if (!op)
+        return NULL;
+    io_uring_prep_poll_add(sqe, fd, mask);
+    if (link)
+        sqe->flags |= IOSQE_IO_LINK;
     op_armed(r, op, sqe);
     return PyLong_FromUnsignedLongLong(op_key(op));
 }
@@ -3018,7 +3057,10 @@ static PyMethodDef Ring_methods[] = {
      "data"},
     {"alloc_zerocopy_buffer", (PyCFunction)Ring_alloc_zerocopy_buffer, METH_VARARGS,
      "alloc_zerocopy_buffer(size, loop) -> ZeroCopyBuffer from the registered pool"},
-    {"connect", (PyCFunction)Ring_connect, METH_VARARGS, "connect(fd, sockaddr, fut) -> key"},
+    {"splice", (PyCFunction)Ring_splice, METH_VARARGS,
+     "splice(fd_in, off_in, fd_out, off_out, nbytes, flags, fut[, link]) -> key"},
+    {"poll_once", (PyCFunction)Ring_poll_once, METH_VARARGS,
+     "poll_once(fd, mask, fut[, link]) -> key: fut gets the revents"},
     {"close", (PyCFunction)Ring_close, METH_O,
      "close(timeout) -> int: cancel everything, reap, and return how many memory-backed\n"
      "requests the kernel still holds (0: safe to tear down)"},

@@ -25,9 +25,10 @@ enum ul_kind {
     UL_RECV_INTO, /* sock_recv_into: result is a byte count */
     UL_SENDALL,   /* sock_sendall: resubmits the rest after short sends */
     UL_ACCEPT,    /* sock_accept: result is (fd, address) */
-    UL_CONNECT,   /* sock_connect */
     UL_SENDZC,    /* sock_sendzc: resolves with the byte count at the notification CQE */
     UL_ACCEPT_MULTI, /* a server's multishot accept: each CQE calls fut(fd_or_-errno) */
+    UL_RESULT,      /* splice, one-shot poll: the future gets the CQE's result as an int */
+    /* stream kinds last: complete_op sends every kind from UL_STREAM_RECV on to the stream */
     UL_STREAM_RECV, /* a stream transport's read: data goes to the protocol */
     UL_STREAM_SEND, /* a stream transport's copied send */
     UL_STREAM_ZC,   /* a stream transport's SEND_ZC: done only at its notification CQE */

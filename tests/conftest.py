@@ -81,3 +81,26 @@ def fd_leak_check():
     gc.collect()
     leaked = open_sockets() - before
     assert not leaked, f"sockets leaked: {sorted(leaked)}"
+
+
+def _certdata(name: str) -> str:
+    """A certificate file CPython ships for its own TLS tests."""
+    import test
+
+    base = os.path.dirname(test.__file__)
+    for path in (os.path.join(base, "certdata", name), os.path.join(base, name)):
+        if os.path.exists(path):
+            return path
+    pytest.skip(f"CPython's test certificate {name} is not installed")
+
+
+@pytest.fixture
+def tls_contexts():
+    """(server, client) SSLContexts: a localhost certificate signed by CPython's test CA."""
+    import ssl
+
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(_certdata("keycert3.pem"))
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    client.load_verify_locations(_certdata("pycacert.pem"))
+    return server, client

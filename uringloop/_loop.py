@@ -24,19 +24,21 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import io
 import logging
 import operator
 import os
 import selectors
 import socket
-import struct
+import stat
 import warnings
 import weakref
-from asyncio import base_events
+from asyncio import base_events, exceptions
 from typing import Any
 
 from . import _ring
 from ._dataplane import Ring, ZeroCopyBuffer
+from ._splice import SplicePipes, splice_file_to_socket
 from ._transports import (
     DEFAULT_ZC_THRESHOLD,
     ZC_LINGER_SECONDS,
@@ -129,37 +131,6 @@ class RingSelector(selectors._BaseSelectorImpl):  # type: ignore[name-defined]
         for fd in list(self._poll_keys):
             self._ring.cancel(self._poll_keys.pop(fd))
         super().close()
-
-
-def _pack_sockaddr(family: int, address: Any) -> bytes | None:
-    """The struct sockaddr for a resolved address, or None for families we leave to asyncio."""
-    if family == socket.AF_INET:
-        host, port = address[0], address[1]
-        return (
-            struct.pack("=H", socket.AF_INET)
-            + struct.pack("!H", port)
-            + socket.inet_pton(socket.AF_INET, host)
-            + bytes(8)
-        )
-    if family == socket.AF_INET6:
-        host, port = address[0], address[1]
-        flowinfo = address[2] if len(address) > 2 else 0
-        scope_id = address[3] if len(address) > 3 else 0
-        host = host.partition("%")[0]
-        return (
-            struct.pack("=H", socket.AF_INET6)
-            + struct.pack("!HI", port, flowinfo)
-            + socket.inet_pton(socket.AF_INET6, host)
-            + struct.pack("=I", scope_id)
-        )
-    if family == socket.AF_UNIX:
-        path = os.fsencode(address) if isinstance(address, str) else bytes(address)
-        if not path.startswith(b"\0"):
-            path += b"\0"
-        if len(path) > 108:
-            raise OSError(errno.ENAMETOOLONG, "AF_UNIX path too long")
-        return struct.pack("=H", socket.AF_UNIX) + path
-    return None
 
 
 # Defaults of the zero-copy memory bounds (see UringEventLoop).
@@ -259,6 +230,8 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
             recv_multishot = os.environ.get("URINGLOOP_RECV_MULTISHOT", "1") != "0"
         self._ring.recv_multishot = bool(recv_multishot) and features.recv_multishot
         self._acceptors: dict[int, int | None] = {}
+        self._splice_pipes = SplicePipes()
+        self._splice_stats = {"sendfile_calls": 0, "sendfile_spliced_bytes": 0}
         self._orphaned: dict[int, tuple[weakref.ref, bytearray]] = {}
         try:
             super().__init__(selector=RingSelector(self._ring))
@@ -282,6 +255,7 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
             super().close()
         finally:
             self._close_ring()
+            self._splice_pipes.close()
 
     def _close_ring(self) -> None:
         ring, setup = self._ring, self._ring_setup
@@ -388,9 +362,11 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         kernel copied after all), ``copy_fallback_sockets``, ``copy_sends``, ``copy_bytes``,
         ``pinned_buffers``, ``pinned_bytes``, ``fixed_buffer_sends`` (from the registered
         arena), ``registered_pool_bytes`` and ``zerocopy_buffer_bytes`` (handed out by
-        `alloc_zerocopy_buffer` and still alive).
+        `alloc_zerocopy_buffer` and still alive); ``sendfile_calls`` and
+        ``sendfile_spliced_bytes`` count file data that `sendfile`/`sock_sendfile` moved
+        to sockets inside the kernel.
         """
-        return self._ring.zerocopy_stats()
+        return {**self._ring.zerocopy_stats(), **self._splice_stats}
 
     def alloc_zerocopy_buffer(self, size: int) -> ZeroCopyBuffer:
         """Writable memory of ``size`` bytes that transports send without any copy.
@@ -543,7 +519,13 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         return sent
 
     async def sock_connect(self, sock: socket.socket, address: Any) -> None:
-        """Connect sock: IORING_OP_CONNECT after asyncio's address resolution."""
+        """Connect sock, waiting for the handshake with a POLL request on the ring.
+
+        The connect itself is the non-blocking syscall made right here, as asyncio
+        does, not an IORING_OP_CONNECT: that would only start at the loop's next
+        submit, and code that accepts on a blocking listener right after one
+        ``await asyncio.sleep(0)`` relies on the SYN having left at call time.
+        """
         self._check_sock(sock)
         if sock.family == socket.AF_INET or (
             base_events._HAS_IPv6 and sock.family == socket.AF_INET6
@@ -552,18 +534,18 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
                 address, family=sock.family, type=sock.type, proto=sock.proto, loop=self
             )
             _, _, _, _, address = resolved[0]
-        packed = _pack_sockaddr(sock.family, address)
-        if packed is None:
-            return await super().sock_connect(sock, address)
-        fut = self.create_future()
-        key = self._ring.connect(sock.fileno(), packed, fut)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            self._ring.cancel(key)
-            raise
-        except OSError as exc:
-            raise OSError(exc.errno, f"Connect call failed {address}") from None
+        err = sock.connect_ex(address)
+        if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
+            fut = self.create_future()
+            key = self._ring.poll_once(sock.fileno(), POLLOUT, fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                self._ring.cancel(key)
+                raise
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, f"Connect call failed {address}")
 
     async def sock_accept(self, sock: socket.socket) -> tuple[socket.socket, Any]:
         """Accept one connection: IORING_OP_ACCEPT."""
@@ -580,3 +562,89 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         conn = socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
         conn.setblocking(False)
         return conn, address
+
+    # ------------------------------------------------------------ sendfile
+
+    async def _sock_sendfile_native(
+        self, sock: socket.socket, file: Any, offset: int, count: int | None
+    ) -> int:
+        """Splice the file into the socket inside the kernel (IORING_OP_SPLICE).
+
+        Raises SendfileNotAvailableError, which makes asyncio fall back to reading
+        and sending, for anything but a regular file, or when the first splice fails.
+        """
+        self._ensure_fd_no_transport(sock.fileno())
+        return await self._splice_sendfile(sock, file, offset, count)
+
+    async def _splice_sendfile(
+        self,
+        sock: socket.socket,
+        file: Any,
+        offset: int,
+        count: int | None,
+        stopped: Any = None,
+    ) -> int:
+        try:
+            fileno = file.fileno()
+        except (AttributeError, io.UnsupportedOperation):
+            raise exceptions.SendfileNotAvailableError("not a regular file") from None
+        try:
+            st = os.fstat(fileno)
+        except OSError:
+            raise exceptions.SendfileNotAvailableError("not a regular file") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise exceptions.SendfileNotAvailableError("not a regular file")
+        if not count:
+            # to the end of the file as it is now (os.sendfile would follow a growing
+            # file, but each chunk would then need one more splice to find the end)
+            count = st.st_size - offset
+            if count <= 0:
+                return 0
+        self._splice_stats["sendfile_calls"] += 1
+        sent = 0
+        try:
+            sent, exc = await splice_file_to_socket(
+                self,
+                self._ring,
+                self._splice_pipes,
+                sock.fileno(),
+                fileno,
+                offset,
+                count or 0,
+                stopped,
+            )
+        finally:
+            if sent:
+                os.lseek(fileno, offset + sent, os.SEEK_SET)
+                self._splice_stats["sendfile_spliced_bytes"] += sent
+        if exc is not None:
+            if sent == 0:
+                # like asyncio: a first failure lets the read-and-send fallback decide
+                raise exceptions.SendfileNotAvailableError(
+                    f"splice failed: {exc.strerror}"
+                ) from exc
+            if exc.errno == errno.ENOTCONN and type(exc) is not ConnectionError:
+                raise ConnectionError(errno.ENOTCONN, "socket is not connected") from exc
+            raise exc
+        return sent
+
+    async def _sendfile_native(self, transp: Any, file: Any, offset: int, count: int | None) -> int:
+        if not isinstance(transp, RingStreamTransport):
+            return await super()._sendfile_native(transp, file, offset, count)
+        self._check_sendfile_params(transp._sock, file, offset, count)
+        # As in asyncio, reading pauses meanwhile: a peer that hangs up shows as the
+        # sendfile's own ConnectionError, and the transport learns of it afterwards.
+        resume_reading = transp.is_reading()
+        transp.pause_reading()
+        try:
+            # What the transport already queued goes first; write() refuses until the end.
+            await transp._make_empty_waiter()
+            if transp._sock is None or transp._conn_lost:
+                raise ConnectionResetError(errno.ECONNRESET, "Connection lost")
+            return await self._splice_sendfile(
+                transp._sock, file, offset, count, lambda: bool(transp._conn_lost)
+            )
+        finally:
+            transp._reset_empty_waiter()
+            if resume_reading:
+                transp.resume_reading()

@@ -48,7 +48,8 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
     """A stream transport whose reads and writes are io_uring requests."""
 
     _start_tls_compatible = True
-    _sendfile_compatible = constants._SendfileMode.FALLBACK
+    # loop.sendfile() splices the file in the kernel (see _splice.py)
+    _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
 
     def __init__(
         self,
@@ -81,6 +82,8 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
         self._abortive = False
         self._lingering: socket.socket | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
+        self._empty_waiter: asyncio.Future | None = None
+        self._sock_after_sendfile: socket.socket | None = None
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             base_events._set_nodelay(sock)
         self._stream = Stream(
@@ -155,6 +158,26 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
         self._set_write_buffer_limits(high=high, low=low)
         self._stream.set_write_buffer_limits(self._high_water, self._low_water)
 
+    def _make_empty_waiter(self) -> asyncio.Future:
+        """For loop.sendfile(): a future done once every write so far went out.
+
+        From now until _reset_empty_waiter(), write() raises RuntimeError, as asyncio's
+        transports do while a sendfile owns the socket.
+        """
+        if self._empty_waiter is not None:
+            raise RuntimeError("Empty waiter is already set")
+        self._empty_waiter = self._loop.create_future()
+        self._stream.set_sendfile_active(True)
+        self._stream.notify_when_flushed()
+        return self._empty_waiter
+
+    def _reset_empty_waiter(self) -> None:
+        self._empty_waiter = None
+        self._stream.set_sendfile_active(False)
+        sock, self._sock_after_sendfile = self._sock_after_sendfile, None
+        if sock is not None:
+            self._close_socket(sock)
+
     # ------------------------------------------------------------ protocol
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
@@ -188,6 +211,9 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
     # ------------------------------------------------ called by the Stream
 
     def _stream_flushed(self) -> None:
+        waiter = self._empty_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         if self._closing:
             self._force_close(None)
         elif self._eof and self._sock is not None:
@@ -311,6 +337,12 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
             return
         self._closing = True
         self._conn_lost += 1
+        waiter = self._empty_waiter
+        if waiter is not None and not waiter.done():
+            if exc is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(exc)
         self._stream.close_now()
         self._loop.call_soon(self._call_connection_lost, exc)
 
@@ -321,7 +353,12 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
             sock, self._sock = self._sock, None
             if sock is not None:
                 self._loop._transports.pop(self._sock_fd, None)
-                self._close_socket(sock)
+                if self._empty_waiter is not None:
+                    # a splice may be using the fd: closing it could hand the number
+                    # to another file under the kernel's feet
+                    self._sock_after_sendfile = sock
+                else:
+                    self._close_socket(sock)
             self._protocol = None  # type: ignore[assignment]
             server, self._server = self._server, None
             if server is not None:
