@@ -2,8 +2,10 @@
 # containers): system packages first, then one virtualenv per interpreter.
 #
 #   make example     run the example echo server on uringloop
-#   make test        the whole suite: Python 3.11 and 3.13, plus the native code
-#                    under AddressSanitizer + UBSan (what CI runs)
+#   make test        the whole suite: Python 3.11 and 3.13, the native code under
+#                    AddressSanitizer + UBSan, and a subset of CPython's asyncio tests
+#                    on uringloop (what CI runs)
+#   make compat      CPython's asyncio tests, asyncio vs uvloop vs uringloop, 3.11 and 3.12
 #   make test-quick  the suite on one interpreter (PYTHON=...)
 #   make bench       loop micro-benchmarks and echo, asyncio vs uvloop vs uringloop
 
@@ -13,10 +15,11 @@ find_python = $(shell for p in $$(ls -d /root/.pyenv/versions/$(1)*/bin/python3 
 	2>/dev/null && { echo "$$p"; break; }; done)
 PYTHON ?= $(call find_python,3.11,$$(command -v python3))
 PY313 ?= $(call find_python,3.13)
+PY312 ?= $(call find_python,3.12)
 PYTEST_ARGS ?=
 APT_PACKAGES = liburing-dev strace wrk iproute2
 
-.PHONY: system-deps example test test-quick test-311 test-313 test-asan bench bench-quick lint clean
+.PHONY: system-deps example test test-quick test-311 test-313 test-asan compat compat-quick bench bench-quick lint clean
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -38,6 +41,7 @@ example: .venv-main/ready
 
 .venv-main/ready: PY = $(PYTHON)
 .venv-313/ready: PY = $(PY313)
+.venv-312/ready: PY = $(PY312)
 
 test-quick: .venv-main/ready
 	.venv-main/bin/python -m pytest $(PYTEST_ARGS)
@@ -64,9 +68,29 @@ test-asan: system-deps
 		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 URINGLOOP_EXPECT_SANITIZERS=1 \
 		../.venv-asan/bin/python -m pytest -p no:cacheprovider -k "uringloop or not (asyncio or uvloop)" \
 		test_ring.py test_sock_api.py test_loop_api.py test_entrypoints.py test_transports.py \
-		test_servers.py test_zerocopy_buffers.py
+		test_servers.py test_zerocopy_buffers.py test_sendfile.py test_processes.py \
+		test_datagram.py test_tls.py
 
-test: test-311 test-313 test-asan
+# CPython's own asyncio tests with the policy set to each loop (tests/cpython_compat.py).
+# compat: every loop-level module named in tests/cpython_compat.md, asyncio vs uvloop vs
+# uringloop, under 3.11 and 3.12 (about 25 minutes). compat-quick: a stable subset on
+# uringloop that fails on any failure not listed in tests/cpython_compat.md (CI).
+COMPAT_OUT ?= build/compat
+COMPAT_QUICK_MODULES = test_streams test_server test_sock_lowlevel test_sendfile test_events \
+	test_subprocess test_ssl test_sslproto test_unix_events test_taskgroups test_timeouts
+compat: .venv-main/ready .venv-312/ready
+	mkdir -p $(COMPAT_OUT)
+	for v in main 312; do \
+		.venv-$$v/bin/python tests/cpython_compat.py --retarget --loop asyncio --loop uvloop \
+			--loop uringloop --json $(COMPAT_OUT)/$$v.json --markdown $(COMPAT_OUT)/$$v.md \
+			|| exit 1; \
+	done
+
+compat-quick: .venv-main/ready
+	.venv-main/bin/python tests/cpython_compat.py --retarget --loop uringloop \
+		--modules $(COMPAT_QUICK_MODULES) --expect-pass --known-failures tests/cpython_compat.md
+
+test: test-311 test-313 test-asan compat-quick
 
 bench: .venv-main/ready
 	.venv-main/bin/python -m bench

@@ -33,7 +33,7 @@ import socket
 import stat
 import warnings
 import weakref
-from asyncio import base_events, exceptions
+from asyncio import base_events, events, exceptions, unix_events
 from typing import Any
 
 from . import _ring
@@ -230,6 +230,7 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
             recv_multishot = os.environ.get("URINGLOOP_RECV_MULTISHOT", "1") != "0"
         self._ring.recv_multishot = bool(recv_multishot) and features.recv_multishot
         self._acceptors: dict[int, int | None] = {}
+        self._child_pidfds: dict[int, int] = {}  # pid -> pidfd, children being waited for
         self._splice_pipes = SplicePipes()
         self._splice_stats = {"sendfile_calls": 0, "sendfile_spliced_bytes": 0}
         self._orphaned: dict[int, tuple[weakref.ref, bytearray]] = {}
@@ -256,6 +257,9 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         finally:
             self._close_ring()
             self._splice_pipes.close()
+            for pidfd in self._child_pidfds.values():
+                os.close(pidfd)
+            self._child_pidfds.clear()
 
     def _close_ring(self) -> None:
         ring, setup = self._ring, self._ring_setup
@@ -648,3 +652,110 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
             transp._reset_empty_waiter()
             if resume_reading:
                 transp.resume_reading()
+
+    # ------------------------------------------------------------ subprocesses
+
+    async def _make_subprocess_transport(  # type: ignore[override]
+        self,
+        protocol: Any,
+        args: Any,
+        shell: bool,
+        stdin: Any,
+        stdout: Any,
+        stderr: Any,
+        bufsize: int,
+        extra: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Start the child; its exit is a POLL on its pidfd, on this loop's ring.
+
+        No SIGCHLD handler and no waiter thread: the loop reaps exactly the pid it
+        started, when its pidfd turns readable. A child watcher the application set
+        itself on the policy (3.11-3.13) is honoured instead.
+        """
+        if _custom_child_watcher() or not hasattr(os, "pidfd_open"):
+            return await super()._make_subprocess_transport(
+                protocol, args, shell, stdin, stdout, stderr, bufsize, extra=extra, **kwargs
+            )
+        waiter = self.create_future()
+        transp = unix_events._UnixSubprocessTransport(
+            self,
+            protocol,
+            args,
+            shell,
+            stdin,
+            stdout,
+            stderr,
+            bufsize,
+            waiter=waiter,
+            extra=extra,
+            **kwargs,
+        )
+        self._watch_child(transp.get_pid(), transp)
+        try:
+            await waiter
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException:
+            transp.close()
+            await transp._wait()
+            raise
+        return transp
+
+    def _watch_child(self, pid: int, transp: Any) -> None:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            # the kernel refuses pidfds (seccomp, very old kernel): asyncio's waiter thread
+            threaded = getattr(unix_events, "ThreadedChildWatcher", None) or getattr(
+                unix_events, "_ThreadedChildWatcher"
+            )
+            watcher = threaded()
+            watcher.add_child_handler(pid, self._child_watcher_callback, transp)
+            return
+        self._child_pidfds[pid] = pidfd
+        self._poll_child(pid, pidfd, transp)
+
+    def _poll_child(self, pid: int, pidfd: int, transp: Any) -> None:
+        fut = self.create_future()
+        self._ring.poll_once(pidfd, POLLIN, fut)
+        fut.add_done_callback(lambda f: self._child_exited(f, pid, pidfd, transp))
+
+    def _child_exited(self, fut: asyncio.Future, pid: int, pidfd: int, transp: Any) -> None:
+        if self._child_pidfds.get(pid) != pidfd:
+            return  # the loop closed meanwhile
+        if fut.exception() is not None:
+            return  # cancelled by loop.close()
+        try:
+            wpid, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            # someone else reaped it (a SIGCHLD handler calling waitpid(-1))
+            logger.warning("child process pid %d exit status already read: will report returncode 255", pid)
+            returncode = 255
+        else:
+            if wpid == 0:
+                self._poll_child(pid, pidfd, transp)
+                return
+            returncode = os.waitstatus_to_exitcode(status)
+        del self._child_pidfds[pid]
+        os.close(pidfd)
+        if self._debug:
+            logger.debug("process %s exited with returncode %s", pid, returncode)
+        transp._process_exited(returncode)
+
+
+def _custom_child_watcher() -> bool:
+    """Did the application set a child watcher of its own on the policy?"""
+    policy = events._event_loop_policy
+    watcher = getattr(policy, "_watcher", None)
+    if watcher is None:
+        return False
+    defaults = tuple(
+        cls
+        for cls in (
+            getattr(unix_events, "ThreadedChildWatcher", None),
+            getattr(unix_events, "PidfdChildWatcher", None),
+        )
+        if cls is not None
+    )
+    return not isinstance(watcher, defaults)
