@@ -53,6 +53,7 @@ FULL = {
     "http_paths": "/,/1m",
     "bulk_sizes": "4096,16384,65536,262144,1048576,4194304",
     "udp_sizes": "4096,16384,32768,65000",
+    "file_sizes": "1048576,67108864",
     "bulk_mib": 512,
     "udp_mib": 1024,
     "internals": ",".join(b[0] for b in loop_internals.BENCHMARKS),
@@ -68,6 +69,7 @@ QUICK = {
     "http_paths": "/",
     "bulk_sizes": "65536",
     "udp_sizes": "65000",
+    "file_sizes": "16777216",
     "bulk_mib": 64,
     "udp_mib": 64,
     "internals": ",".join(loop_internals.QUICK),
@@ -132,6 +134,7 @@ def main() -> int:
         results["notes"].append("HTTP skipped: wrk is not installed (apt-get install wrk)")
         args.parts.remove("http")
     variants = [v for v in bulk.VARIANTS if v.split("-")[0] in loops]
+    file_variants = [v for v in ("asyncio", "uvloop", "uringloop") if v in loops]
     udp_reason = netns.unavailable_reason()
     if "bulk" in args.parts and udp_reason and ints(args.udp_sizes):
         results["notes"].append(f"UDP bulk skipped: {udp_reason}")
@@ -144,7 +147,8 @@ def main() -> int:
         "micro": rounds * len(loops),
         "echo": rounds * len(modes) * len(sizes) * len(conns) * len(echo_servers),
         "http": rounds * len(http_cells) * len(loops),
-        "bulk": rounds * (len(ints(args.bulk_sizes)) + len(udp_sizes)) * len(variants),
+        "bulk": rounds * (len(ints(args.bulk_sizes)) + len(udp_sizes)) * len(variants)
+        + rounds * len(ints(args.file_sizes)) * len(file_variants),
         "internals": len(internals) * len(loops),
     }
     bar = progress(sum(planned[p] for p in args.parts))
@@ -237,10 +241,10 @@ def main() -> int:
             if a in variants and b in variants
         ]
 
-        def bulk_rows(proto: str, size: int, run) -> None:
+        def bulk_rows(proto: str, size: int, run, which: list[str] = variants) -> None:
             per: dict[str, dict[str, list[float]]] = {}
             for _ in range(rounds):
-                for v in variants:
+                for v in which:
                     step(f"bulk {proto} {size} B {v}")
                     r = run(v)
                     per.setdefault("rate", {}).setdefault(v, []).append(r["gbytes_per_s"] * 1e3)
@@ -249,7 +253,7 @@ def main() -> int:
                         r["kernel_cpu_s_per_gib"] * 1e3
                     )
                     done()
-            name = f"bulk {proto} {size} B writes"
+            name = f"bulk {proto} {size} B " + ("files" if proto == "file" else "writes")
             results["bulk"].append(
                 {
                     "proto": proto,
@@ -268,6 +272,22 @@ def main() -> int:
         for size in tcp_sizes:
             bulk_rows(
                 "tcp", size, lambda v, size=size: runners.run_bulk_tcp(v, size, args.bulk_mib << 20)
+            )
+        file_sizes = ints(args.file_sizes)
+        if file_sizes:
+            report.header(
+                "loop.sendfile() of a cached file, loopback TCP (uvloop: read + write)",
+                file_variants,
+                [("uringloop", "asyncio"), ("uringloop", "uvloop")],
+            )
+        for size in file_sizes:
+            bulk_rows(
+                "file",
+                size,
+                lambda v, size=size: runners.run_bulk_tcp(
+                    v, size, max(args.bulk_mib << 20, size), "file"
+                ),
+                file_variants,
             )
         if udp_sizes:
             report.header("bulk send, UDP into a dead-end veth", variants, bulk_ratios)

@@ -105,7 +105,7 @@ def bulk_argv(variant: str, proto: str, size: int, total: int, extra: list[str])
     ]
 
 
-def run_bulk_tcp(variant: str, size: int, total: int) -> dict:
+def run_bulk_tcp(variant: str, size: int, total: int, proto: str = "tcp") -> dict:
     sink = subprocess.Popen(
         pinned(1, [sys.executable, "-m", "bench.bulk", "--sink"]),
         stdout=subprocess.PIPE,
@@ -115,7 +115,7 @@ def run_bulk_tcp(variant: str, size: int, total: int) -> dict:
     try:
         port = sink.stdout.readline().split()[1]
         out = subprocess.run(
-            pinned(0, bulk_argv(variant, "tcp", size, total, [f"--port={port}"])),
+            pinned(0, bulk_argv(variant, proto, size, total, [f"--port={port}"])),
             capture_output=True,
             text=True,
             check=True,

@@ -127,9 +127,7 @@ async def test_datagram_transport_errors_match_asyncio():
     t.close()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         with pytest.raises(ValueError):
-            await loop.create_datagram_endpoint(
-                Datagrams, local_addr=("127.0.0.1", 0), sock=udp
-            )
+            await loop.create_datagram_endpoint(Datagrams, local_addr=("127.0.0.1", 0), sock=udp)
     with socket.socket() as tcp:
         with pytest.raises(ValueError):
             await loop.create_datagram_endpoint(Datagrams, sock=tcp)

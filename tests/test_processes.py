@@ -17,7 +17,10 @@ import time
 
 import pytest
 
-CHILD_UPPER = "import sys; data = sys.stdin.buffer.read(); sys.stdout.buffer.write(data.upper()); sys.stderr.write('err'); sys.exit(3)"
+CHILD_UPPER = (
+    "import sys; data = sys.stdin.buffer.read(); sys.stdout.buffer.write(data.upper()); "
+    "sys.stderr.write('err'); sys.exit(3)"
+)
 
 
 @pytest.mark.asyncio
@@ -58,7 +61,9 @@ async def test_shell_and_wait():
 )
 async def test_signalling_a_child(how, expected):
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)",
+        sys.executable,
+        "-c",
+        "import time; print('up', flush=True); time.sleep(60)",
         stdout=asyncio.subprocess.PIPE,
     )
     assert await asyncio.wait_for(proc.stdout.readline(), 10) == b"up\n"
@@ -91,7 +96,9 @@ async def test_uringloop_waits_for_children_with_a_pidfd_poll():
     loop = asyncio.get_running_loop()
     threads = threading.active_count()
     sigchld = signal.getsignal(signal.SIGCHLD)
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "import time; time.sleep(0.3)")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import time; time.sleep(0.3)"
+    )
     assert proc.pid in loop._child_pidfds
     pidfd = loop._child_pidfds[proc.pid]
     assert os.readlink(f"/proc/self/fd/{pidfd}") == "anon_inode:[pidfd]"

@@ -707,9 +707,9 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
             pidfd = os.pidfd_open(pid)
         except OSError:
             # the kernel refuses pidfds (seccomp, very old kernel): asyncio's waiter thread
-            threaded = getattr(unix_events, "ThreadedChildWatcher", None) or getattr(
-                unix_events, "_ThreadedChildWatcher"
-            )
+            threaded = getattr(unix_events, "ThreadedChildWatcher", None)
+            if threaded is None:  # 3.14 kept it private
+                threaded = unix_events._ThreadedChildWatcher
             watcher = threaded()
             watcher.add_child_handler(pid, self._child_watcher_callback, transp)
             return
@@ -730,7 +730,9 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
             wpid, status = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             # someone else reaped it (a SIGCHLD handler calling waitpid(-1))
-            logger.warning("child process pid %d exit status already read: will report returncode 255", pid)
+            logger.warning(
+                "child process pid %d exit status already read: will report returncode 255", pid
+            )
             returncode = 255
         else:
             if wpid == 0:
