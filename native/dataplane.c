@@ -2831,6 +2831,15 @@ static PyObject *Ring_accept(Ring *r, PyObject *args)
 
 /* connect(fd, sockaddr_bytes, fut): the caller packs the address (the socket
    module already knows every family's layout; see _loop.py). */
+/* The end of a UL_RESULT request: linked to the next one prepared if asked; its key. */
+static PyObject *result_op_armed(Ring *r, ul_op *op, struct io_uring_sqe *sqe, int link)
+{
+    if (link)
+        sqe->flags |= IOSQE_IO_LINK;
+    op_armed(r, op, sqe);
+    return PyLong_FromUnsignedLongLong(op_key(op));
+}
+
 /* splice(fd_in, off_in, fd_out, off_out, nbytes, flags, fut[, link]) -> key: one
    IORING_OP_SPLICE (offsets of -1 for pipes); fut gets the byte count. With link, the
    next request prepared starts only after this one moved all nbytes. */
@@ -2848,10 +2857,7 @@ static PyObject *Ring_splice(Ring *r, PyObject *args)
     if (!op)
         return NULL;
     io_uring_prep_splice(sqe, fd_in, (int64_t)off_in, fd_out, (int64_t)off_out, nbytes, flags);
-    if (link)
-        sqe->flags |= IOSQE_IO_LINK;
-    op_armed(r, op, sqe);
-    return PyLong_FromUnsignedLongLong(op_key(op));
+    return result_op_armed(r, op, sqe, link);
 }
 
 /* poll_once(fd, mask, fut[, link]) -> key: one one-shot POLL_ADD; fut gets the
@@ -2868,10 +2874,7 @@ static PyObject *Ring_poll_once(Ring *r, PyObject *args)
     if (!op)
         return NULL;
     io_uring_prep_poll_add(sqe, fd, mask);
-    if (link)
-        sqe->flags |= IOSQE_IO_LINK;
-    op_armed(r, op, sqe);
-    return PyLong_FromUnsignedLongLong(op_key(op));
+    return result_op_armed(r, op, sqe, link);
 }
 
 static double now_monotonic(void)

@@ -83,24 +83,28 @@ def fd_leak_check():
     assert not leaked, f"sockets leaked: {sorted(leaked)}"
 
 
-def _certdata(name: str) -> str:
-    """A certificate file CPython ships for its own TLS tests."""
-    import test
+CERTS = os.path.join(os.path.dirname(__file__), "certs")
 
-    base = os.path.dirname(test.__file__)
-    for path in (os.path.join(base, "certdata", name), os.path.join(base, name)):
-        if os.path.exists(path):
-            return path
-    pytest.skip(f"CPython's test certificate {name} is not installed")
+
+def has_ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
 
 
 @pytest.fixture
 def tls_contexts():
-    """(server, client) SSLContexts: a localhost certificate signed by CPython's test CA."""
+    """(server, client) SSLContexts: tests/certs/keycert.pem (CN=localhost, valid until
+    2126) signed by the throwaway CA in tests/certs/ca.pem."""
     import ssl
 
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(_certdata("keycert3.pem"))
+    server.load_cert_chain(os.path.join(CERTS, "keycert.pem"))
     client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    client.load_verify_locations(_certdata("pycacert.pem"))
+    client.load_verify_locations(os.path.join(CERTS, "ca.pem"))
     return server, client

@@ -64,9 +64,6 @@ DEFAULT_MODULES = [
     "test_threads",
 ]
 
-OUTCOMES = ("passed", "failed", "error", "skipped", "xfail", "xpass", "hang", "crash")
-
-
 # ---------------------------------------------------------------- child side
 
 
@@ -152,7 +149,7 @@ def _join_watcher_threads() -> None:
         return
     try:
         watcher = policy.get_child_watcher()
-    except NotImplementedError:
+    except NotImplementedError:  # what the original does for policies without watchers
         return
     threaded = getattr(asyncio, "ThreadedChildWatcher", None)
     if threaded is not None and isinstance(watcher, threaded):
@@ -251,9 +248,6 @@ def _child(args: argparse.Namespace) -> int:
         def stopTest(self, test: Any) -> None:
             faulthandler.cancel_dump_traceback_later()
             super().stopTest(test)
-            if test.id() in reported:
-                return
-            reported.add(test.id())
             record = {
                 "test": test.id(),
                 "outcome": self._outcome,
@@ -263,7 +257,6 @@ def _child(args: argparse.Namespace) -> int:
             out.write(json.dumps(record) + "\n")
             self._outcome, self._detail, self._made = "passed", "", policy_class.loops_made
 
-    reported: set[str] = set()
     tests = [t for t in flatten(suite) if t.id() not in done]
     # Module and class fixtures (setUpModule, setUpClass) run as the suite does.
     suite = unittest.TestSuite(tests)
@@ -363,10 +356,6 @@ def _summarise(records: list[dict], policy_only: bool, subset: str = "any") -> C
     return c
 
 
-def _python_for(loop: str, args: argparse.Namespace) -> str:
-    return args.python or sys.executable
-
-
 def _parent(args: argparse.Namespace) -> int:
     modules = args.modules or DEFAULT_MODULES
     loops = args.loop or ["uringloop"]
@@ -376,7 +365,7 @@ def _parent(args: argparse.Namespace) -> int:
         all_results[loop] = {}
         for module in modules:
             t0 = time.monotonic()
-            recs = _run_module(_python_for(loop, args), loop, module, args)
+            recs = _run_module(args.python or sys.executable, loop, module, args)
             all_results[loop][module] = recs
             c = _summarise(recs, policy_only=True)
             bad = c["failed"] + c["error"] + c["hang"] + c["crash"]

@@ -161,36 +161,32 @@ class Collect(asyncio.Protocol):
         self.done.set_result(exc)
 
 
-@pytest.mark.asyncio
-async def test_read_and_write_pipes():
+async def through_pipe(rfd: int, wfd: int, payload: bytes) -> bytes:
+    """Write payload into wfd with a write-pipe transport, read it from rfd with a read one."""
     loop = asyncio.get_running_loop()
-    r, w = os.pipe()
     reader = Collect()
-    rtransport, _ = await loop.connect_read_pipe(lambda: reader, os.fdopen(r, "rb", 0))
-    wtransport, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, os.fdopen(w, "wb", 0))
-    payload = os.urandom(1 << 20)
+    rtransport, _ = await loop.connect_read_pipe(lambda: reader, os.fdopen(rfd, "rb", 0))
+    wtransport, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, os.fdopen(wfd, "wb", 0))
     wtransport.write(payload)
     wtransport.close()
     assert await asyncio.wait_for(reader.done, 10) is None
-    assert bytes(reader.data) == payload
     rtransport.close()
+    return bytes(reader.data)
+
+
+@pytest.mark.asyncio
+async def test_read_and_write_pipes():
+    payload = os.urandom(1 << 20)
+    assert await through_pipe(*os.pipe(), payload) == payload
 
 
 @pytest.mark.asyncio
 async def test_fifo_pipe(tmp_path):
-    loop = asyncio.get_running_loop()
     path = tmp_path / "fifo"
     os.mkfifo(path)
     rfd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     wfd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-    reader = Collect()
-    rtransport, _ = await loop.connect_read_pipe(lambda: reader, os.fdopen(rfd, "rb", 0))
-    wtransport, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, os.fdopen(wfd, "wb", 0))
-    wtransport.write(b"through the fifo")
-    wtransport.close()
-    await asyncio.wait_for(reader.done, 10)
-    assert bytes(reader.data) == b"through the fifo"
-    rtransport.close()
+    assert await through_pipe(rfd, wfd, b"through the fifo") == b"through the fifo"
 
 
 @pytest.mark.asyncio

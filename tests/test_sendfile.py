@@ -15,6 +15,8 @@ import tempfile
 import pytest
 
 DATA = os.urandom(3 * 1024 * 1024 + 4321)
+# uvloop has no sendfile/sock_sendfile (AbstractEventLoop's NotImplementedError)
+ASYNCIO_AND_URINGLOOP = ["asyncio", "uringloop"]
 
 
 def same(got: bytes | bytearray, want: bytes) -> bool:
@@ -27,14 +29,6 @@ def same(got: bytes | bytearray, want: bytes) -> bool:
         min(len(got), len(want)),
     )
     raise AssertionError(f"{len(got)} bytes, {len(want)} expected; first difference at {first}")
-
-
-@pytest.fixture(autouse=True)
-def not_on_uvloop(request):
-    if "[uvloop]" in request.node.name:
-        pytest.skip(
-            "uvloop has no sendfile/sock_sendfile (AbstractEventLoop's NotImplementedError)"
-        )
 
 
 @pytest.fixture
@@ -83,7 +77,7 @@ async def connected_pair(close_after: int = 0):
     return receiver, transport, server
 
 
-@pytest.mark.asyncio
+@pytest.mark.asyncio(loop_factories=ASYNCIO_AND_URINGLOOP)
 async def test_sendfile_over_transport_keeps_order_and_file_position(datafile, fd_leak_check):
     loop = asyncio.get_running_loop()
     receiver, transport, server = await connected_pair()
@@ -99,7 +93,7 @@ async def test_sendfile_over_transport_keeps_order_and_file_position(datafile, f
     assert same(receiver.data, b"HEAD" + DATA[1000:2_001_000] + b"TAIL")
 
 
-@pytest.mark.asyncio
+@pytest.mark.asyncio(loop_factories=ASYNCIO_AND_URINGLOOP)
 async def test_sendfile_to_the_end_of_the_file(datafile, fd_leak_check):
     loop = asyncio.get_running_loop()
     receiver, transport, server = await connected_pair()
@@ -113,7 +107,7 @@ async def test_sendfile_to_the_end_of_the_file(datafile, fd_leak_check):
     assert datafile.tell() == len(DATA)
 
 
-@pytest.mark.asyncio
+@pytest.mark.asyncio(loop_factories=ASYNCIO_AND_URINGLOOP)
 async def test_write_during_sendfile_raises(datafile, fd_leak_check):
     loop = asyncio.get_running_loop()
     receiver, transport, server = await connected_pair()
@@ -130,7 +124,7 @@ async def test_write_during_sendfile_raises(datafile, fd_leak_check):
     assert same(receiver.data, DATA + b"after")
 
 
-@pytest.mark.asyncio
+@pytest.mark.asyncio(loop_factories=ASYNCIO_AND_URINGLOOP)
 async def test_sendfile_peer_closes_in_the_middle(datafile, fd_leak_check):
     loop = asyncio.get_running_loop()
     receiver, transport, server = await connected_pair(close_after=64 * 1024)
@@ -147,7 +141,7 @@ async def test_sendfile_peer_closes_in_the_middle(datafile, fd_leak_check):
     assert 0 < datafile.tell() <= len(DATA)
 
 
-@pytest.mark.asyncio
+@pytest.mark.asyncio(loop_factories=ASYNCIO_AND_URINGLOOP)
 async def test_sendfile_of_a_non_file_falls_back(fd_leak_check):
     loop = asyncio.get_running_loop()
     receiver, transport, server = await connected_pair()
@@ -162,7 +156,7 @@ async def test_sendfile_of_a_non_file_falls_back(fd_leak_check):
     assert same(receiver.data, DATA[:100_000])
 
 
-@pytest.mark.asyncio
+@pytest.mark.asyncio(loop_factories=ASYNCIO_AND_URINGLOOP)
 async def test_sendfile_bad_arguments_raise_like_asyncio(datafile, fd_leak_check):
     loop = asyncio.get_running_loop()
     receiver, transport, server = await connected_pair()
@@ -202,7 +196,7 @@ async def recv_until_eof(sock) -> bytes:
     return bytes(out)
 
 
-@pytest.mark.asyncio
+@pytest.mark.asyncio(loop_factories=ASYNCIO_AND_URINGLOOP)
 async def test_sock_sendfile_with_offset_and_count(datafile, fd_leak_check):
     loop = asyncio.get_running_loop()
     a, b = await sock_pair()
@@ -216,7 +210,7 @@ async def test_sock_sendfile_with_offset_and_count(datafile, fd_leak_check):
     assert datafile.tell() == 1_500_007
 
 
-@pytest.mark.asyncio
+@pytest.mark.asyncio(loop_factories=ASYNCIO_AND_URINGLOOP)
 async def test_sock_sendfile_rejects_what_asyncio_rejects(datafile, fd_leak_check):
     loop = asyncio.get_running_loop()
     a, b = await sock_pair()

@@ -6,6 +6,7 @@ import asyncio
 import socket
 
 import pytest
+from conftest import has_ipv6_loopback
 
 
 class Echo(asyncio.Protocol):
@@ -24,15 +25,6 @@ async def roundtrip(host: str, port: int, payload: bytes = b"ping", **kwargs) ->
     finally:
         writer.close()
         await writer.wait_closed()
-
-
-def has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 @pytest.mark.asyncio

@@ -37,14 +37,13 @@ async def test_tls_echo_of_small_and_large_messages(tls_contexts):
     )
     assert writer.get_extra_info("ssl_object").version().startswith("TLS")
     assert writer.get_extra_info("peercert")["subject"]
-    for size in (1, 1000, 300_000):
-        payload = os.urandom(size)
-        writer.write(payload)
-        assert await asyncio.wait_for(reader.readexactly(size), 10) == payload
-    writer.close()
-    await writer.wait_closed()
-    server.close()
-    await server.wait_closed()
+    async with server:
+        for size in (1, 1000, 300_000):
+            payload = os.urandom(size)
+            writer.write(payload)
+            assert await asyncio.wait_for(reader.readexactly(size), 10) == payload
+        writer.close()
+        await writer.wait_closed()
 
 
 @pytest.mark.asyncio
@@ -52,7 +51,7 @@ async def test_tls_refuses_a_certificate_it_cannot_verify(tls_contexts):
     server_ctx, _ = tls_contexts
     server = await tls_echo_server(server_ctx)
     port = server.sockets[0].getsockname()[1]
-    strict = ssl.create_default_context()  # the system CAs do not know CPython's test CA
+    strict = ssl.create_default_context()  # the system CAs do not know the test CA
     with pytest.raises(ssl.SSLCertVerificationError):
         await asyncio.open_connection("127.0.0.1", port, ssl=strict, server_hostname="localhost")
     server.close()
@@ -82,13 +81,12 @@ async def test_start_tls_upgrades_a_plain_connection(tls_contexts):
     writer.write(b"STARTTLS\n")
     assert await reader.readline() == b"GO\n"
     await writer.start_tls(client_ctx, server_hostname="localhost")
-    writer.write(b"secret\n")
-    assert await asyncio.wait_for(reader.readline(), 10) == b"SECRET\n"
-    assert await upgraded
-    writer.close()
-    await writer.wait_closed()
-    server.close()
-    await server.wait_closed()
+    async with server:
+        writer.write(b"secret\n")
+        assert await asyncio.wait_for(reader.readline(), 10) == b"SECRET\n"
+        assert await upgraded
+        writer.close()
+        await writer.wait_closed()
 
 
 @pytest.mark.asyncio

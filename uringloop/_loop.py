@@ -34,6 +34,7 @@ import stat
 import warnings
 import weakref
 from asyncio import base_events, events, exceptions, unix_events
+from collections.abc import Callable
 from typing import Any
 
 from . import _ring
@@ -586,7 +587,7 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         file: Any,
         offset: int,
         count: int | None,
-        stopped: Any = None,
+        stopped: Callable[[], bool] | None = None,
     ) -> int:
         try:
             fileno = file.fileno()
@@ -614,7 +615,7 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
                 sock.fileno(),
                 fileno,
                 offset,
-                count or 0,
+                count,
                 stopped,
             )
         finally:

@@ -95,6 +95,14 @@ def _result(fut: asyncio.Future) -> int | OSError:
     raise exc
 
 
+def _moved(drain: asyncio.Future) -> int | OSError:
+    """Bytes a pipe->socket splice moved: none when its link broke or the socket was full."""
+    moved = _result(drain)
+    if isinstance(moved, OSError) and moved.errno in (errno.ECANCELED, errno.EAGAIN):
+        return 0
+    return moved
+
+
 async def splice_file_to_socket(
     loop: Any,
     ring: Any,
@@ -105,7 +113,7 @@ async def splice_file_to_socket(
     count: int,
     stopped: Callable[[], bool] | None = None,
 ) -> tuple[int, OSError | None]:
-    """Move count bytes (0: to the end of the file) from file_fd at offset to sock_fd.
+    """Move count bytes (fewer if the file ends first) from file_fd at offset to sock_fd.
 
     Returns (bytes that reached the socket, the error that stopped it or None).
     ``stopped()``, asked before each chunk, ends it early with ConnectionResetError
@@ -119,10 +127,10 @@ async def splice_file_to_socket(
     zero_moves = 0
     keys: list[int] = []
     try:
-        while count == 0 or sent < count:
+        while sent < count:
             if stopped is not None and stopped():
                 return sent, ConnectionResetError(errno.ECONNRESET, "Connection lost")
-            want = capacity if count == 0 else min(capacity, count - sent)
+            want = min(capacity, count - sent)
             fill, poll, drain = loop.create_future(), loop.create_future(), loop.create_future()
             keys = [
                 ring.splice(file_fd, offset + sent, pipe_w, -1, want, SPLICE_FLAGS, fill, True),
@@ -137,11 +145,9 @@ async def splice_file_to_socket(
             if filled == 0:
                 break  # end of file
             in_pipe = filled
-            moved = _result(drain)
+            moved = _moved(drain)
             if isinstance(moved, OSError):
-                if moved.errno not in (errno.ECANCELED, errno.EAGAIN):
-                    return sent, moved
-                moved = 0
+                return sent, moved
             in_pipe -= moved
             sent += moved
             while in_pipe:
@@ -152,13 +158,11 @@ async def splice_file_to_socket(
                 ]
                 await asyncio.wait((poll, drain))
                 keys = []
-                polled, moved = _result(poll), _result(drain)
+                polled, moved = _result(poll), _moved(drain)
                 if isinstance(moved, OSError):
-                    if moved.errno not in (errno.ECANCELED, errno.EAGAIN):
-                        return sent, moved
-                    if isinstance(polled, OSError):
-                        return sent, polled
-                    moved = 0
+                    return sent, moved
+                if moved == 0 and isinstance(polled, OSError):
+                    return sent, polled
                 if moved == 0:
                     zero_moves += 1
                     if zero_moves > ZERO_MOVES_LIMIT:
