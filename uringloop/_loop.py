@@ -231,6 +231,8 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
             recv_multishot = os.environ.get("URINGLOOP_RECV_MULTISHOT", "1") != "0"
         self._ring.recv_multishot = bool(recv_multishot) and features.recv_multishot
         self._acceptors: dict[int, int | None] = {}
+        # listening sockets this loop created itself (create_server without sock=)
+        self._own_listeners: weakref.WeakSet[socket.socket] = weakref.WeakSet()
         self._child_pidfds: dict[int, int] = {}  # pid -> pidfd, children being waited for
         self._splice_pipes = SplicePipes()
         self._splice_stats = {"sendfile_calls": 0, "sendfile_spliced_bytes": 0}
@@ -297,6 +299,41 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
 
     # ------------------------------------------------------------ servers
 
+    # A listening socket handed in with sock= may be shared with other processes
+    # (gunicorn and uvicorn --workers pass every worker the same socket). A multishot
+    # ACCEPT waits on it exclusively and stays first in its wait queue, so one worker
+    # would get every connection while the others idle. Such sockets are accepted on
+    # readiness instead (a plain POLL wakes every worker, the first accept() wins), as
+    # on asyncio's loop and uvloop. Sockets this loop bound itself use multishot ACCEPT.
+
+    async def create_server(  # type: ignore[override]
+        self, protocol_factory: Any, host: Any = None, *args: Any, **kwargs: Any
+    ) -> asyncio.Server:
+        start = kwargs.pop("start_serving", True)
+        server = await super().create_server(
+            protocol_factory, host, *args, start_serving=False, **kwargs
+        )
+        return await self._serve_own_listeners(server, kwargs.get("sock") is None, start)
+
+    async def create_unix_server(  # type: ignore[override]
+        self, protocol_factory: Any, path: Any = None, *args: Any, **kwargs: Any
+    ) -> asyncio.Server:
+        start = kwargs.pop("start_serving", True)
+        server = await super().create_unix_server(
+            protocol_factory, path, *args, start_serving=False, **kwargs
+        )
+        return await self._serve_own_listeners(server, kwargs.get("sock") is None, start)
+
+    async def _serve_own_listeners(
+        self, server: asyncio.Server, own: bool, start_serving: bool
+    ) -> asyncio.Server:
+        if own:
+            self._own_listeners.update(server._sockets)  # type: ignore[attr-defined]
+        if start_serving:
+            server._start_serving()  # type: ignore[attr-defined]
+            await asyncio.sleep(0)  # as asyncio's create_server: let the accepts arm
+        return server
+
     def _start_serving(  # type: ignore[override]
         self,
         protocol_factory: Any,
@@ -306,8 +343,8 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         backlog: int = 100,
         *ssl_timeouts: Any,
     ) -> None:
-        """Accept with one multishot ACCEPT request per listening socket."""
-        if not (self._multishot_accept and sock_is_stream(sock)):
+        """Accept with one multishot ACCEPT request per listening socket of our own."""
+        if not (self._multishot_accept and sock_is_stream(sock) and sock in self._own_listeners):
             return super()._start_serving(
                 protocol_factory, sock, sslcontext, server, backlog, *ssl_timeouts
             )
