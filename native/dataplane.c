@@ -2019,6 +2019,11 @@ static PyObject *Stream_get_zerocopy(Stream *s, void *c) { return PyBool_FromLon
 
 static PyObject *Stream_get_reading(Stream *s, void *c) { return PyBool_FromLong(s->reading); }
 
+static PyObject *Stream_get_holding(Stream *s, void *c)
+{
+    return PyBool_FromLong(s->held != NULL || s->held_end != 0);
+}
+
 static int Stream_traverse(Stream *s, visitproc visit, void *arg)
 {
     Py_VISIT(s->ring);
@@ -2074,6 +2079,8 @@ static PyGetSetDef Stream_getset[] = {
     {"pinned", (getter)Stream_get_pinned, NULL, "bytes the kernel may still read (SEND_ZC)"},
     {"zerocopy", (getter)Stream_get_zerocopy, NULL, "whether large writes go out with SEND_ZC"},
     {"reading", (getter)Stream_get_reading, NULL, NULL},
+    {"holding", (getter)Stream_get_holding, NULL,
+     "whether data or an EOF read while paused waits for start_reading()"},
     {NULL},
 };
 

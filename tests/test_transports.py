@@ -610,6 +610,66 @@ async def test_pause_and_resume_in_one_iteration_loses_nothing(fd_leak_check):
     await close_all(srv, client_p, server_p)
 
 
+class ResumeRecorder(PausingCollector):
+    """Pauses after every delivery; notes whether data_received ran inside resume_reading()."""
+
+    in_resume = False
+    data_during_resume = 0
+
+    def data_received(self, data):
+        super().data_received(data)
+        if self.in_resume:
+            self.data_during_resume += 1
+
+
+@pytest.mark.asyncio
+async def test_resume_reading_delivers_held_data_from_the_loop_not_inline(fd_leak_check):
+    """StreamReader resumes the transport, then creates the future that data wakes.
+
+    Data read while paused, handed over inside resume_reading(), came before that
+    future existed and left readexactly() waiting for ever (uvicorn's websockets).
+    """
+    srv, server_p, client_p = await connected_pair(server_proto=ResumeRecorder)
+    payload = random.Random(7).randbytes(3 << 20)
+    client_p.transport.write(payload)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while len(server_p.data) < len(payload):
+        assert loop.time() < deadline, len(server_p.data)
+        await asyncio.sleep(0.001)
+        server_p.in_resume = True
+        server_p.transport.resume_reading()
+        server_p.in_resume = False
+    assert server_p.data_during_resume == 0
+    assert bytes(server_p.data) == payload
+    await close_all(srv, client_p, server_p)
+
+
+@pytest.mark.asyncio
+async def test_stream_reader_readexactly_beyond_twice_its_limit(fd_leak_check):
+    """readexactly(n) with n far above the reader's limit: pauses and resumes under it."""
+    for size in (262_144, 300_000, 1_000_000):
+        got = asyncio.get_running_loop().create_future()
+
+        async def handle(reader, writer, size=size, got=got):
+            try:
+                got.set_result(await reader.readexactly(size))
+            except Exception as exc:
+                got.set_exception(exc)
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, limit=2**16)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        payload = random.Random(size).randbytes(size)
+        writer.write(payload)
+        assert await asyncio.wait_for(got, 10) == payload
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+
+
 @pytest.mark.parametrize("multishot", [True, False], ids=["multishot", "single-shot"])
 def test_both_receive_modes_deliver_mixed_sizes_intact(multishot):
     loop = uringloop.new_event_loop(recv_multishot=multishot)

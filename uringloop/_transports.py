@@ -129,7 +129,17 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
         if self._closing or not self._paused:
             return
         self._paused = False
-        self._stream.start_reading()
+        if self._stream.holding:
+            # What a recv brought in while paused goes to the protocol from the loop,
+            # never from inside resume_reading(): StreamReader resumes first and only
+            # then sets up the waiter that data must wake (as on asyncio's loop).
+            self._loop.call_soon(self._deliver_held)
+        else:
+            self._stream.start_reading()
+
+    def _deliver_held(self) -> None:
+        if not self._paused and not self._closing:
+            self._stream.start_reading()
 
     # ------------------------------------------------------------ writing
 
