@@ -17,7 +17,7 @@ PYTHON ?= $(call find_python,3.11,$$(command -v python3))
 PY313 ?= $(call find_python,3.13)
 PY312 ?= $(call find_python,3.12)
 PYTEST_ARGS ?=
-APT_PACKAGES = liburing-dev strace wrk iproute2
+APT_PACKAGES = liburing-dev strace wrk iproute2 curl
 
 .PHONY: system-deps example test test-quick test-311 test-313 test-asan compat compat-quick bench bench-quick lint clean
 

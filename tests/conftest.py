@@ -108,3 +108,97 @@ def tls_contexts():
     client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     client.load_verify_locations(os.path.join(CERTS, "ca.pem"))
     return server, client
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A server started as a user would start it, in its own process group.
+
+    ``with ServerProcess([...], ready=r"listening on (\\S+)") as server:`` waits until
+    a line of its output (stdout and stderr together) matches ``ready``; on leaving it
+    sends SIGINT (Ctrl+C) and waits for the whole group to exit. ``server.output`` is
+    everything printed so far, for assertions and failure messages.
+    """
+
+    def __init__(self, args, *, ready, cwd=None, env=None, timeout=30.0):
+        self.args, self.ready, self.cwd, self.timeout = args, ready, cwd, timeout
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.lines: list[str] = []
+        self.match = None
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def __enter__(self):
+        import re
+        import subprocess
+        import threading
+        import time
+
+        self.proc = subprocess.Popen(
+            self.args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=self.cwd,
+            env=self.env,
+            start_new_session=True,
+        )
+        seen = threading.Event()
+        pattern = re.compile(self.ready)
+
+        def pump():
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                if self.match is None and (m := pattern.search(line)):
+                    self.match = m
+                    seen.set()
+            seen.set()
+
+        self.reader = threading.Thread(target=pump, daemon=True)
+        self.reader.start()
+        deadline = time.monotonic() + self.timeout
+        while not seen.wait(0.1):
+            if time.monotonic() > deadline:
+                break
+        if self.match is None:
+            self.stop()
+            raise AssertionError(f"{self.args} did not get ready:\n{self.output}")
+        return self
+
+    def stop(self, sig=None) -> int:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig or signal.SIGINT)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        try:  # the group: workers that outlived their parent
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.reader.join(10)
+        self.proc.stdout.close()
+        return self.proc.returncode
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,40 +1,13 @@
-"""The example server and the benchmark suite run, for real, as a user would start them."""
+"""The benchmark suite runs, for real, as a user would start it."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def test_echo_example_serves_a_real_client():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "examples", "echo_server.py"), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = proc.stdout.readline()
-        assert "UringEventLoop" in line and f":{port}" in line, line
-        deadline = time.monotonic() + 10
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
-            c.sendall(b"x" * 100_000)
-            got = b""
-            while len(got) < 100_000 and time.monotonic() < deadline:
-                got += c.recv(65536)
-            assert got == b"x" * 100_000
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        proc.stdout.close()
 
 
 def test_bench_runs_in_its_shortest_mode(tmp_path):

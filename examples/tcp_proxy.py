@@ -1,0 +1,117 @@
+"""A TCP proxy on uringloop.
+
+    python examples/tcp_proxy.py --upstream HOST:PORT [--listen HOST:PORT]
+
+Every connection to the listening address gets its own connection to the upstream, and
+bytes flow both ways as they arrive. Flow control is end to end: when one side's
+transport buffers more than its high-water mark, reading from the other side pauses
+until it drains, so a slow reader never makes the proxy buffer without bound. A
+half-close (EOF) travels through, so request/response protocols that shut down their
+sending side still get their answer.
+
+Try it in front of the echo example:
+    python examples/echo_server.py --port 8888 &
+    python examples/tcp_proxy.py --listen 127.0.0.1:9000 --upstream 127.0.0.1:8888
+    nc 127.0.0.1 9000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import uringloop
+
+
+class Pipe(asyncio.Protocol):
+    """One direction's reader: what this side receives is written to the peer side."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: Pipe | None = None
+        self.got_eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.peer.transport.write(data)  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        self.got_eof = True
+        peer = self.peer.transport if self.peer else None
+        if peer is None or not peer.can_write_eof() or self.peer.got_eof:  # type: ignore[union-attr]
+            return False  # nothing more can flow either way: close both sides
+        peer.write_eof()
+        return True  # keep our side open: the answer may still come back through it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()  # flushes what is still buffered, then closes
+
+    # The peer's transport is full: stop reading here until it drains.
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+
+class ClientSide(Pipe):
+    """The accepted connection; it holds its reads until the upstream is connected."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        super().__init__()
+        self.upstream = upstream
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.transport.pause_reading()  # type: ignore[union-attr]
+        asyncio.get_running_loop().create_task(self.connect())
+
+    async def connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, upstream = await loop.create_connection(Pipe, *self.upstream)
+        except OSError as exc:
+            print(f"upstream {self.upstream[0]}:{self.upstream[1]}: {exc}", flush=True)
+            self.transport.abort()  # type: ignore[union-attr]
+            return
+        if self.transport.is_closing():  # type: ignore[union-attr]
+            upstream.transport.close()  # the client gave up while we connected
+            return
+        self.peer, upstream.peer = upstream, self
+        self.transport.resume_reading()  # type: ignore[union-attr]
+
+
+def address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+async def main(listen: tuple[str, int], upstream: tuple[str, int]) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: ClientSide(upstream), *listen)
+    host, port = server.sockets[0].getsockname()[:2]
+    print(
+        f"tcp proxy on {type(loop).__name__} listening on {host}:{port}, "
+        f"forwarding to {upstream[0]}:{upstream[1]}",
+        flush=True,
+    )
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--listen", type=address, default=("127.0.0.1", 9000))
+    ap.add_argument("--upstream", type=address, required=True)
+    args = ap.parse_args()
+    try:
+        uringloop.run(main(args.listen, args.upstream))
+    except KeyboardInterrupt:
+        pass
