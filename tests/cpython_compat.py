@@ -279,7 +279,7 @@ def _run_module(python: str, loop: str, module: str, args: argparse.Namespace) -
             skip.write_text("\n".join(records))
             cmd = [
                 python,
-                __file__,
+                os.path.abspath(__file__),
                 "--child",
                 module,
                 "--loop",
@@ -297,6 +297,7 @@ def _run_module(python: str, loop: str, module: str, args: argparse.Namespace) -
                 proc = subprocess.run(
                     cmd,
                     env=env,
+                    cwd=tmp,  # CPython's tests leave files such as @test_<pid>_tmp behind
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
                     timeout=args.module_timeout,

@@ -51,8 +51,12 @@ def info() -> int:
     print("loop features in use:")
     print("  waiting for I/O          io_uring_enter (one per loop iteration)")
     print("  readiness (add_reader)   POLL_ADD on the ring, level-triggered")
-    print("  sock_recv/sendall/...    RECV, SEND, ACCEPT, CONNECT on the ring")
-    print("  zero-copy sends          not yet (stream transports land next)")
+    print("  sock_recv/sendall/...    RECV, SEND, ACCEPT on the ring; connect() polled")
+    print("  stream transports        multishot RECV from a buffer ring, batched SEND")
+    print("  zero-copy sends          " + ("SEND_ZC for large writes" if features.send_zc else "no"))
+    print("  servers                  multishot ACCEPT; sockets handed in: POLL + accept()")
+    print("  sendfile                 SPLICE file -> pipe -> socket")
+    print("  child processes          POLL on a pidfd")
     return 0
 
 
