@@ -167,7 +167,11 @@ def main() -> int:
         for _ in range(rounds):
             for lp in servers:
                 step(f"{name} {lp}")
-                r = run(lp)
+                try:
+                    r = run(lp)
+                except RuntimeError as exc:  # a run that finished no request: once more
+                    print(f"\n{name} {lp}: {exc}; running it again", file=sys.stderr)
+                    r = run(lp)
                 for key in ("rps", "server_cpu_us_per_req", "p50_us", "p99_us"):
                     per.setdefault(key, {}).setdefault(lp, []).append(r[key])
                 done()

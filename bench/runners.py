@@ -157,6 +157,8 @@ def parse_wrk(output: str) -> dict:
     socket_errors = re.search(r"Socket errors: (.*)$", output, re.MULTILINE)
     if errors or socket_errors:
         raise RuntimeError(f"wrk saw errors: {output[-500:]}")
+    if 50 not in latency or 99 not in latency:  # no request finished in the run
+        raise RuntimeError(f"wrk reported no latency distribution: {output[-500:]}")
     return {"rps": rps, "p50_us": latency[50], "p99_us": latency[99]}
 
 
