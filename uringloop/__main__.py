@@ -53,7 +53,8 @@ def info() -> int:
     print("  readiness (add_reader)   POLL_ADD on the ring, level-triggered")
     print("  sock_recv/sendall/...    RECV, SEND, ACCEPT on the ring; connect() polled")
     print("  stream transports        multishot RECV from a buffer ring, batched SEND")
-    print("  zero-copy sends          " + ("SEND_ZC for large writes" if features.send_zc else "no"))
+    zc = "SEND_ZC for large writes" if features.send_zc else "no (copied sends)"
+    print(f"  zero-copy sends          {zc}")
     print("  servers                  multishot ACCEPT; sockets handed in: POLL + accept()")
     print("  sendfile                 SPLICE file -> pipe -> socket")
     print("  child processes          POLL on a pidfd")
