@@ -393,6 +393,21 @@ static void fut_fail(PyObject *fut, int err)
     Py_DECREF(exc);
 }
 
+/* A request whose result is a byte count or other int: res < 0 fails fut with -res. */
+static void fut_resolve_count(PyObject *fut, int res)
+{
+    if (res < 0) {
+        fut_fail(fut, -res);
+        return;
+    }
+    PyObject *n = PyLong_FromLong(res);
+    if (n)
+        fut_resolve(fut, n, 0);
+    else
+        PyErr_WriteUnraisable(fut);
+    Py_XDECREF(n);
+}
+
 static PyObject *sockaddr_to_py(const struct sockaddr_storage *ss, socklen_t len)
 {
     char host[INET6_ADDRSTRLEN];
@@ -605,20 +620,10 @@ static void complete_op(Ring *r, ul_op *op, int res, unsigned flags)
         }
         break;
     case UL_RECV_INTO:
-        if (res > 0 && gone) {
+        if (res > 0 && gone)
             orphan_data(r, op, op->view.buf, res);
-        } else if (!gone) {
-            if (res < 0) {
-                fut_fail(op->fut, -res);
-            } else {
-                PyObject *n = PyLong_FromLong(res);
-                if (n)
-                    fut_resolve(op->fut, n, 0);
-                else
-                    PyErr_WriteUnraisable(op->fut);
-                Py_XDECREF(n);
-            }
-        }
+        else if (!gone)
+            fut_resolve_count(op->fut, res);
         break;
     case UL_SENDALL:
         if (gone)
@@ -669,18 +674,8 @@ static void complete_op(Ring *r, ul_op *op, int res, unsigned flags)
         }
         break;
     case UL_RESULT:
-        if (!gone) {
-            if (res < 0) {
-                fut_fail(op->fut, -res);
-            } else {
-                PyObject *n = PyLong_FromLong(res);
-                if (n)
-                    fut_resolve(op->fut, n, 0);
-                else
-                    PyErr_WriteUnraisable(op->fut);
-                Py_XDECREF(n);
-            }
-        }
+        if (!gone)
+            fut_resolve_count(op->fut, res);
         break;
     default:
         break;

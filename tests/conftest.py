@@ -114,6 +114,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 
 
+def same(got: bytes | bytearray, want: bytes) -> bool:
+    """Equality with a short message: pytest would diff megabytes byte by byte."""
+    got = bytes(got)
+    if got == want:
+        return True
+    first = next(
+        (i for i, (x, y) in enumerate(zip(got, want, strict=False)) if x != y),
+        min(len(got), len(want)),
+    )
+    raise AssertionError(f"{len(got)} bytes, {len(want)} expected; first difference at {first}")
+
+
 def free_port() -> int:
     import socket
 

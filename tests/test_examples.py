@@ -12,7 +12,7 @@ import threading
 import aiohttp
 import httpx
 import pytest
-from conftest import EXAMPLES, ServerProcess, free_port
+from conftest import EXAMPLES, ServerProcess, free_port, same
 
 import uringloop
 
@@ -37,10 +37,6 @@ def site(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "index.html").write_text("<h1>index</h1>\n")
     return tmp_path
-
-
-def same(a: bytes, b: bytes) -> bool:
-    return len(a) == len(b) and a == b  # pytest's diff of megabytes takes minutes
 
 
 def test_echo_server_serves_a_real_client():

@@ -20,13 +20,13 @@ import httpx
 import pytest
 import websockets.sync.client
 from aiohttp import web
-from conftest import EXAMPLES, ServerProcess, free_port
+from conftest import EXAMPLES, ServerProcess, free_port, same
 
 import uringloop
 
 sys.path.insert(0, EXAMPLES)
 import aiohttp_app  # noqa: E402
-from test_examples import no_control_socket, same, spread_over_workers  # noqa: E402
+from test_examples import no_control_socket, spread_over_workers  # noqa: E402
 
 
 def ring_fds(pid: int) -> int:
@@ -161,13 +161,17 @@ def test_aiohttp_in_asyncio_runner_with_loop_factory(site):
 # ---------------------------------------------------------------- uvicorn + Starlette
 
 
-def test_uvicorn_cli_with_loop_factory_and_two_workers(site):
-    port = free_port()
+def uvicorn(site, *options: str) -> ServerProcess:
+    """`uvicorn starlette_app:app --loop uringloop:new_event_loop` serving files from site."""
     args = [sys.executable, "-m", "uvicorn", "starlette_app:app", "--app-dir", EXAMPLES]
-    args += ["--port", str(port), "--loop", "uringloop:new_event_loop", "--workers", "2"]
-    with ServerProcess(
+    args += ["--port", str(free_port()), "--loop", "uringloop:new_event_loop", *options]
+    return ServerProcess(
         args, ready=r"Uvicorn running on (http://\S+)", env={"EXAMPLE_ROOT": str(site)}
-    ) as srv:
+    )
+
+
+def test_uvicorn_cli_with_loop_factory_and_two_workers(site):
+    with uvicorn(site, "--workers", "2") as srv:
         base = srv.match.group(1)
         # uvicorn prints "running" before its workers have started their apps
         httpx_get_until_up(base)
@@ -211,12 +215,7 @@ def starlette_routes(base: str, site) -> None:
 
 
 def test_uvicorn_single_process_serves_starlette(site):
-    port = free_port()
-    args = [sys.executable, "-m", "uvicorn", "starlette_app:app", "--app-dir", EXAMPLES]
-    args += ["--port", str(port), "--loop", "uringloop:new_event_loop", "--ws", "websockets"]
-    with ServerProcess(
-        args, ready=r"Uvicorn running on (http://\S+)", env={"EXAMPLE_ROOT": str(site)}
-    ) as srv:
+    with uvicorn(site, "--ws", "websockets") as srv:
         starlette_routes(srv.match.group(1), site)
         assert ring_fds(srv.proc.pid) == 1
     assert srv.proc.returncode == 0 and "Traceback" not in srv.output

@@ -13,22 +13,11 @@ import socket
 import tempfile
 
 import pytest
+from conftest import same
 
 DATA = os.urandom(3 * 1024 * 1024 + 4321)
 # uvloop has no sendfile/sock_sendfile (AbstractEventLoop's NotImplementedError)
 ASYNCIO_AND_URINGLOOP = ["asyncio", "uringloop"]
-
-
-def same(got: bytes | bytearray, want: bytes) -> bool:
-    """Equality with a short message: pytest would diff megabytes byte by byte."""
-    got = bytes(got)
-    if got == want:
-        return True
-    first = next(
-        (i for i, (x, y) in enumerate(zip(got, want, strict=False)) if x != y),
-        min(len(got), len(want)),
-    )
-    raise AssertionError(f"{len(got)} bytes, {len(want)} expected; first difference at {first}")
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import asyncio
 import socket
 
 import pytest
-from conftest import has_ipv6_loopback
+from conftest import free_port, has_ipv6_loopback
 
 
 class Echo(asyncio.Protocol):
@@ -32,9 +32,7 @@ async def test_server_on_several_hosts_serves_each(fd_leak_check):
     if not has_ipv6_loopback():
         pytest.skip("no IPv6 loopback on this machine")
     loop = asyncio.get_running_loop()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = await loop.create_server(Echo, ["127.0.0.1", "::1"], port, reuse_address=True)
     assert {s.family for s in server.sockets} == {socket.AF_INET, socket.AF_INET6}
     assert await roundtrip("127.0.0.1", port) == b"ping"
@@ -104,9 +102,7 @@ async def test_create_connection_from_socket_and_local_addr(fd_leak_check):
     loop = asyncio.get_running_loop()
     server = await loop.create_server(Echo, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        local_port = probe.getsockname()[1]
+    local_port = free_port()
     got = asyncio.get_running_loop().create_future()
 
     class Client(asyncio.Protocol):
