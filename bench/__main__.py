@@ -1,15 +1,15 @@
-"""Run the benchmarks: asyncio, uvloop and uringloop side by side, in one invocation.
+"""Run the benchmarks: asyncio, uvloop, rloop and uringloop side by side, in one invocation.
 
 usage: python -m bench [--quick] [--only micro,echo,http,bulk,internals] [--rounds N]
                        [--seconds S] [--modes sock,streams,protocol] [--sizes 1024,16384,262144]
-                       [--conns 1,16,128] [--loops asyncio,uvloop,uringloop] [--no-reference]
+                       [--conns 1,16,128] [--loops asyncio,uvloop,rloop,uringloop] [--no-reference]
                        [--http-servers aiohttp,uvicorn,hypercorn] [--http-conns 16,128]
                        [--bulk-sizes 4096,...] [--udp-sizes 4096,...] [--bulk-mib 512]
                        [--udp-mib 1024] [--internals async_tree_none,...] [--out DIR]
 
 `make bench` runs everything (about an hour); `--quick` a small slice of each part in
 about two minutes. Every cell runs the loops in alternating order (asyncio, uvloop,
-uringloop, asyncio, ...) for several rounds after a warm-up, and reports the median with
+rloop, uringloop, asyncio, ...) for several rounds after a warm-up, and reports the median with
 min/max and ratios between medians of the same invocation.
 
 - micro: call_soon, task switches, timers (bench/micro.py).
@@ -184,7 +184,7 @@ def main() -> int:
             "p99_us": report.row(f"{name} p99", per["p99_us"], "us", False),
         }
 
-    def ratios(cols: list[str], base=("uvloop", "asyncio")) -> list[tuple[str, str]]:
+    def ratios(cols: list[str], base=("uvloop", "rloop", "asyncio")) -> list[tuple[str, str]]:
         return [
             (a, b)
             for a in ("uringloop", runners.REFERENCE)

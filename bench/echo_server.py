@@ -72,7 +72,10 @@ async def serve(mode: str, port: int) -> None:
             tasks.add(task)
             task.add_done_callback(tasks.discard)
     else:
-        await server.serve_forever()
+        # Serving started with create_server: wait for ever (rloop 0.5 stops listening
+        # when serve_forever() is called on a server that is already serving).
+        async with server:
+            await loop.create_future()
 
 
 def main() -> None:

@@ -38,6 +38,9 @@ _record = os.environ.get("BENCH_LOOP_RECORD")
 if _name == "uvloop":
     import uvloop
     _policy = uvloop.EventLoopPolicy()
+elif _name == "rloop":
+    import rloop
+    _policy = rloop.EventLoopPolicy()
 elif _name == "uringloop":
     import uringloop
     _policy = uringloop.EventLoopPolicy(fallback=False)
@@ -61,6 +64,7 @@ asyncio.set_event_loop_policy(_policy)
 EXPECTED_CLASS = {
     "asyncio": "asyncio.unix_events._UnixSelectorEventLoop",
     "uvloop": "uvloop.Loop",
+    "rloop": "rloop.loop.RLoop",
     "uringloop": "uringloop._loop.UringEventLoop",
 }
 

@@ -1,11 +1,14 @@
-"""The loops under comparison, by name: every benchmark takes --loop=asyncio|uvloop|uringloop."""
+"""The loops under comparison, by name: every benchmark takes --loop=asyncio|uvloop|rloop|uringloop.
+
+rloop (Rust, on epoll; on PyPI) is the fastest other loop: it belongs in every table.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
 
-LOOPS = ("asyncio", "uvloop", "uringloop")
+LOOPS = ("asyncio", "uvloop", "rloop", "uringloop")
 # variants of uringloop for comparisons inside the project
 VARIANTS = ("uringloop-single",)
 
@@ -17,6 +20,10 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
         import uvloop
 
         return uvloop.new_event_loop
+    if name == "rloop":
+        import rloop
+
+        return rloop.new_event_loop
     if name == "uringloop":
         import uringloop
 

@@ -14,6 +14,7 @@ from pathlib import Path
 LOOP_COLORS = {
     "asyncio": "#9e9e9e",
     "uvloop": "#1f77b4",
+    "rloop": "#ff7f0e",
     "uringloop": "#d62728",
     "c-liburing": "#2ca02c",
     "uringloop-copy": "#ff9896",
@@ -60,7 +61,7 @@ def environment() -> dict[str, str]:
         "liburing": liburing or "unknown",
     }
     env["uringloop"] = _version("uringloop-zc")
-    for name in ("uvloop", "aiohttp", "uvicorn", "starlette", "hypercorn", "pyperformance"):
+    for name in ("uvloop", "rloop", "aiohttp", "uvicorn", "starlette", "hypercorn", "pyperformance"):
         env[name] = _version(name)
     return env
 
