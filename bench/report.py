@@ -61,7 +61,15 @@ def environment() -> dict[str, str]:
         "liburing": liburing or "unknown",
     }
     env["uringloop"] = _version("uringloop-zc")
-    for name in ("uvloop", "rloop", "aiohttp", "uvicorn", "starlette", "hypercorn", "pyperformance"):
+    for name in (
+        "uvloop",
+        "rloop",
+        "aiohttp",
+        "uvicorn",
+        "starlette",
+        "hypercorn",
+        "pyperformance",
+    ):
         env[name] = _version(name)
     return env
 
