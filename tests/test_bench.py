@@ -54,7 +54,7 @@ def test_bench_runs_in_its_shortest_mode(tmp_path):
         assert bulk["udp"]["mbytes_per_s"]["uringloop"]["median"] > 0
     else:
         assert any("UDP bulk skipped" in n for n in data["notes"])
-    assert set(data["internals"]["async_generators"]) == {"asyncio", "uvloop", "uringloop"}
+    assert set(data["internals"]["async_generators"]) == {"asyncio", "uvloop", "rloop", "uringloop"}
     # the report: a Markdown page with its plots beside it
     assert data["plots"] and all((tmp_path / name).stat().st_size > 0 for name in data["plots"])
     (page,) = tmp_path.glob("results-*.md")
