@@ -19,7 +19,16 @@ setup(
     ext_modules=[
         Extension(
             "uringloop._dataplane",
-            sources=["native/dataplane.c", "native/bufpool.c"],
+            sources=[
+                "native/module.c",
+                "native/ring.c",
+                "native/requests.c",
+                "native/stream.c",
+                "native/stream_send.c",
+                "native/stream_recv.c",
+                "native/zcbuf.c",
+                "native/bufpool.c",
+            ],
             depends=["native/dataplane.h", "native/bufpool.h", "native/compat.h"],
             libraries=["uring"],
             extra_compile_args=dataplane_compile_args(),

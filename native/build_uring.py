@@ -2,8 +2,9 @@
 
 The control plane is everything that happens rarely: setting a ring up with the
 best flags this kernel accepts, probing opcodes and request flags, registering
-buffers. The per-event path does not go through here; it lives in
-`dataplane.c`, which works on the very same `struct io_uring` that
+buffers. The per-event path does not go through here; it lives in the
+`_dataplane` extension (`ring.c` and its siblings, rules in `dataplane.h`),
+which works on the very same `struct io_uring` that
 `io_uring_queue_init_params` fills in below (both are compiled against the same
 liburing header, so they agree on its layout).
 """
