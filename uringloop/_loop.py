@@ -23,6 +23,7 @@ straight to io_uring operations.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import io
 import logging
@@ -55,11 +56,25 @@ _POLLIN_LIKE = ~POLLOUT & 0xFFFF
 _POLLOUT_LIKE = ~POLLIN & 0xFFFF
 
 # How long loop.close() waits for the kernel to hand back cancelled requests
-# before it gives up and keeps their memory for the life of the process.
+# before it gives up and keeps their memory for the life of the process. Cancelled
+# requests come back at once; only a ring another thread owns (SINGLE_ISSUER), or
+# SEND_ZC memory of a sock_sendzc() whose peer never acknowledges, waits this long.
 CLOSE_DRAIN_SECONDS = 10.0
 
 # Rings whose requests still referenced memory at close: never freed.
 _KEPT_ALIVE: list[tuple[Ring, object]] = []
+
+
+class _RecvBacklog:
+    """What cancelled receives on one socket brought in, and which are still in flight."""
+
+    __slots__ = ("sock", "data", "pending", "drained")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = weakref.ref(sock)
+        self.data = bytearray()
+        self.pending: set[int] = set()  # keys of cancelled requests still in the kernel
+        self.drained: asyncio.Future | None = None  # done once pending is empty
 
 
 def _poll_mask(events: int) -> int:
@@ -236,11 +251,16 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         self._child_pidfds: dict[int, int] = {}  # pid -> pidfd, children being waited for
         self._splice_pipes = SplicePipes()
         self._splice_stats = {"sendfile_calls": 0, "sendfile_spliced_bytes": 0}
-        self._orphaned: dict[int, tuple[weakref.ref, bytearray]] = {}
+        self._recv_backlog: dict[int, _RecvBacklog] = {}  # fd -> cancelled receives
         try:
             super().__init__(selector=RingSelector(self._ring))
         except BaseException:
+            # (the self-pipe may be made and not registered: no request refers to it)
+            for sock in (getattr(self, "_ssock", None), getattr(self, "_csock", None)):
+                if sock is not None:
+                    sock.close()
             self._close_ring()
+            self._closed = True  # BaseEventLoop.__del__ then has nothing to close
             raise
 
     # ------------------------------------------------------------ lifecycle
@@ -251,10 +271,12 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         if self.is_closed():
             return
         # Connections whose SEND_ZC memory waits for a peer's ACK would hold the
-        # ring's drain for ever: reset them so the kernel releases it now.
-        for transport in [*self._lingering, *list(self._transports.values())]:
-            if isinstance(transport, RingStreamTransport):
-                transport._reset_for_loop_close()
+        # ring's drain for ever: reset them so the kernel releases it now. (Not in a
+        # forked child: the connections are the parent's.)
+        if not self._ring.forked:
+            for transport in [*self._lingering, *list(self._transports.values())]:
+                if isinstance(transport, RingStreamTransport):
+                    transport._reset_for_loop_close()
         try:
             super().close()
         finally:
@@ -269,10 +291,11 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         if setup is None:
             return
         self._ring_setup = None
+        forked = ring.forked
         pinned = ring.close(CLOSE_DRAIN_SECONDS)
         # Closing the ring fd makes the kernel cancel whatever is left; records whose
         # memory it may still touch are kept alive for good rather than freed in use.
-        _ring.destroy_ring(setup)
+        _ring.destroy_ring(setup, forked)
         if pinned:
             _KEPT_ALIVE.append((ring, setup))
             warnings.warn(
@@ -330,7 +353,11 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         if own:
             self._own_listeners.update(server._sockets)  # type: ignore[attr-defined]
         if start_serving:
-            server._start_serving()  # type: ignore[attr-defined]
+            try:
+                server._start_serving()  # type: ignore[attr-defined]
+            except BaseException:
+                server.close()  # the caller never gets the server: nobody else would
+                raise
             await asyncio.sleep(0)  # as asyncio's create_server: let the accepts arm
         return server
 
@@ -349,18 +376,21 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
                 protocol_factory, sock, sslcontext, server, backlog, *ssl_timeouts
             )
         fd = sock.fileno()
+        # asyncio's add_reader() here captures the current context: every accepted
+        # connection's task (protocol factory, connection_made, reads) starts from a
+        # copy of it, so a ContextVar set before create_server() is seen by protocols
+        context = contextvars.copy_context()
 
         def accepted(res: int) -> None:
             if res < 0:
-                self._accept_failed(sock, -res, arm)
+                context.run(self._accept_failed, sock, -res, arm)
                 return
             conn = socket.socket(sock.family, sock.type, sock.proto, fileno=res)
             conn.setblocking(False)
-            self.create_task(
-                self._accept_connection2(
-                    protocol_factory, conn, {}, sslcontext, server, *ssl_timeouts
-                )
+            coro = self._accept_connection2(
+                protocol_factory, conn, {}, sslcontext, server, *ssl_timeouts
             )
+            context.run(self.create_task, coro)
 
         def arm() -> None:
             if sock.fileno() == fd and fd in self._acceptors:
@@ -441,33 +471,70 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
 
     # --------------------------------------------------------- socket API
 
-    # A recv that is cancelled while the kernel already has it in hand may still
-    # complete with data. That data has left the socket, so it is kept here for the
-    # next sock_recv on the same socket object (never for a later socket that reuses
-    # the fd number).
+    # A receive that is cancelled while the kernel already has it in hand may still
+    # complete with data. That data has left the socket, so it is kept for the next
+    # receive on the same socket object (never for a later socket that reuses the fd
+    # number), and that receive waits until every such cancelled request is back:
+    # otherwise it would wait in the kernel for bytes an older request already took.
 
-    def _keep_orphaned_data(self, sock: socket.socket, data: bytes) -> None:
+    def _recv_backlog_entry(self, sock: socket.socket) -> _RecvBacklog | None:
+        entry = self._recv_backlog.get(sock.fileno())
+        if entry is not None and entry.sock() is not sock:
+            del self._recv_backlog[sock.fileno()]  # a socket that reused the number
+            return None
+        return entry
+
+    def _recv_given_up(
+        self, sock: socket.socket, fut: asyncio.Future, key: int, buf: Any = None
+    ) -> None:
+        """A sock_recv/sock_recv_into was cancelled: keep what its request brings in."""
+        if self._ring.cancel(key):
+            # still the kernel's: its final CQE reports to _keep_orphaned_data
+            fd = sock.fileno()
+            entry = self._recv_backlog_entry(sock)
+            if entry is None:
+                entry = self._recv_backlog[fd] = _RecvBacklog(sock)
+            entry.pending.add(key)
+        elif fut.done() and not fut.cancelled() and fut.exception() is None:
+            # completed, but the task was cancelled before it could take the result
+            result = fut.result()
+            if buf is not None:  # sock_recv_into: the bytes are in the caller's buffer
+                result = bytes(memoryview(buf).cast("B")[:result])
+            self._keep_orphaned_data(sock, result, 0)
+
+    def _keep_orphaned_data(self, sock: socket.socket, data: bytes, key: int) -> None:
         fd = sock.fileno()
         if fd < 0:
             return  # the socket is closed: nobody can read this data any more
-        entry = self._orphaned.get(fd)
-        if entry is None or entry[0]() is not sock:
-            entry = self._orphaned[fd] = (weakref.ref(sock), bytearray())
-        entry[1].extend(data)
+        entry = self._recv_backlog_entry(sock)
+        if entry is None:
+            if not data:
+                return
+            entry = self._recv_backlog[fd] = _RecvBacklog(sock)
+        entry.data += data
+        entry.pending.discard(key)
+        if not entry.pending:
+            if entry.drained is not None and not entry.drained.done():
+                entry.drained.set_result(None)
+            if not entry.data:
+                del self._recv_backlog[fd]
 
-    def _take_orphaned(self, sock: socket.socket, n: int) -> bytes | None:
-        fd = sock.fileno()
-        entry = self._orphaned.get(fd)
+    async def _take_backlog(self, sock: socket.socket, n: int) -> bytes | None:
+        """Bytes cancelled receives on sock brought in, once none is in flight any more."""
+        entry = self._recv_backlog_entry(sock)
         if entry is None:
             return None
-        if entry[0]() is not sock:
-            del self._orphaned[fd]
+        while entry.pending:
+            if entry.drained is None or entry.drained.done():
+                entry.drained = self.create_future()
+            await entry.drained
+        if not entry.data:
+            self._recv_backlog.pop(sock.fileno(), None)
             return None
-        buf = entry[1]
-        chunk = bytes(buf[:n])
-        del buf[:n]
-        if not buf:
-            del self._orphaned[fd]
+        chunk = bytes(entry.data[:n])
+        del entry.data[:n]
+        if not entry.data:
+            self._recv_backlog.pop(sock.fileno(), None)
         return chunk
 
     def _check_sock(self, sock: socket.socket) -> None:
@@ -476,48 +543,66 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
             raise ValueError("the socket must be non-blocking")
 
     async def sock_recv(self, sock: socket.socket, n: int) -> bytes:
-        """Receive up to n bytes from sock: one IORING_OP_RECV."""
+        """Receive up to n bytes from sock.
+
+        As on asyncio's loop, data already there is returned at once (one recv(2),
+        no suspension); otherwise one IORING_OP_RECV waits for it.
+        """
         self._check_sock(sock)
-        fd = sock.fileno()
-        if self._orphaned and (chunk := self._take_orphaned(sock, n)) is not None:
+        if self._recv_backlog and (chunk := await self._take_backlog(sock, n)) is not None:
             return chunk
+        fd = sock.fileno()
         self._ensure_fd_no_transport(fd)
+        try:
+            return sock.recv(n)
+        except (BlockingIOError, InterruptedError):
+            pass
         fut = self.create_future()
         key = self._ring.recv(fd, n, fut, sock)
         try:
             return await fut
         except asyncio.CancelledError:
-            self._ring.cancel(key)
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._keep_orphaned_data(sock, fut.result())
+            self._recv_given_up(sock, fut, key)
             raise
 
     async def sock_recv_into(self, sock: socket.socket, buf: Any) -> int:
-        """Receive into buf: one IORING_OP_RECV straight into its memory."""
+        """Receive into buf: at once when data is there, else one IORING_OP_RECV into it."""
         self._check_sock(sock)
-        fd = sock.fileno()
-        if self._orphaned and fd in self._orphaned:
+        if self._recv_backlog and self._recv_backlog_entry(sock) is not None:
             view = memoryview(buf).cast("B")
-            chunk = self._take_orphaned(sock, len(view))
+            chunk = await self._take_backlog(sock, len(view))
             if chunk is not None:
                 view[: len(chunk)] = chunk
                 return len(chunk)
+        fd = sock.fileno()
         self._ensure_fd_no_transport(fd)
+        try:
+            return sock.recv_into(buf)
+        except (BlockingIOError, InterruptedError):
+            pass
         fut = self.create_future()
         key = self._ring.recv_into(fd, buf, 0, fut, sock)
         try:
             return await fut
         except asyncio.CancelledError:
-            self._ring.cancel(key)
+            self._recv_given_up(sock, fut, key, buf)
             raise
 
     async def sock_sendall(self, sock: socket.socket, data: Any) -> None:
-        """Send all of data; short sends are resubmitted in C until done."""
+        """Send all of data: as much as the socket takes at once (as asyncio), the rest
+        with IORING_OP_SEND requests, resubmitted in C after short sends."""
         self._check_sock(sock)
         fd = sock.fileno()
         self._ensure_fd_no_transport(fd)
+        try:
+            sent = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        view = memoryview(data)
+        if sent == view.nbytes:
+            return
         fut = self.create_future()
-        key = self._ring.sendall(fd, data, fut)
+        key = self._ring.sendall(fd, data, fut, sent)
         try:
             await fut
         except asyncio.CancelledError:

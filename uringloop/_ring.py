@@ -209,8 +209,17 @@ def create_ring(setup: str = "auto", sq_entries: int = SQ_ENTRIES) -> RingSetup:
     )
 
 
-def destroy_ring(setup: RingSetup) -> None:
-    lib.io_uring_queue_exit(setup.ring)
+def destroy_ring(setup: RingSetup, forked: bool = False) -> None:
+    """Unmap the ring and close its fd; in a forked child only close the child's fd.
+
+    The ring memory is MADV_DONTFORK (the data plane marks it so that a child cannot
+    write into the parent's SQ): a child has none of it mapped, and
+    io_uring_queue_exit() would read the SQ's size from it.
+    """
+    if forked:
+        os.close(setup.ring.ring_fd)
+    else:
+        lib.io_uring_queue_exit(setup.ring)
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import inspect
 import socket
 import struct
+import termios
 import warnings
 from asyncio import base_events, constants, futures, transports, trsock
 from typing import Any
@@ -120,12 +122,14 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
         return not self._paused and not self._closing
 
     def pause_reading(self) -> None:
+        self._stream.ensure_usable()  # RuntimeError in a forked child
         if self._closing or self._paused:
             return
         self._paused = True
         self._stream.pause_reading()
 
     def resume_reading(self) -> None:
+        self._stream.ensure_usable()
         if self._closing or not self._paused:
             return
         self._paused = False
@@ -155,6 +159,7 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
         return True
 
     def write_eof(self) -> None:
+        self._stream.ensure_usable()  # a child must not shut down the parent's socket
         if self._closing or self._eof:
             return
         self._eof = True
@@ -191,8 +196,11 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
     # ------------------------------------------------------------ protocol
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._protocol = protocol
         self._stream.set_protocol(protocol, isinstance(protocol, asyncio.BufferedProtocol))
+        self._protocol = protocol
+        # pause_writing() went to the old protocol: resume_writing() must not go to
+        # this one unless it was paused itself (asyncio's SSLProtocol asserts on it)
+        self._protocol_paused = False
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         return self._protocol
@@ -203,13 +211,28 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
     def close(self) -> None:
         if self._closing:
             return
+        if self._stream.forked:
+            self._close_in_forked_child()
+            return
         self._closing = True
         self._stream.pause_reading()
         self._stream.notify_when_flushed()
 
     def abort(self) -> None:
+        if self._stream.forked:
+            self._close_in_forked_child()
+            return
         self._abortive = True
         self._force_close(None)
+
+    def _close_in_forked_child(self) -> None:
+        """A forked child lets go of its copy of the socket; the ring is the parent's."""
+        self._closing = True
+        self._conn_lost += 1
+        self._stream.close_now()  # drops references only, touches no ring
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()  # the child's descriptor; the parent's connection stays
 
     def __del__(self) -> None:
         if self._sock is not None and not self._closing:
@@ -287,13 +310,22 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
 
         Those wait for the peer's ACK: keep the connection until they are in (the
         Stream calls _stream_unpinned), or reset it after ZC_LINGER_SECONDS. abort()
-        resets at once, which makes the kernel release the memory promptly.
+        resets at once, which makes the kernel release the memory promptly. What the
+        peer sees is what close() shows it on any loop: a socket with unread data is
+        reset now (the kernel's close() does that too, and frees the memory with it);
+        otherwise the end of the stream (FIN) goes now, only the descriptor waits.
         """
         if not self._stream.pinned:
             sock.close()
         elif self._abortive:
             _reset_and_close(sock)
+        elif _unread_bytes(sock):
+            sock.close()
         else:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
             self._lingering = sock
             self._loop._lingering.add(self)
             self._linger_timer = self._loop.call_later(
@@ -363,6 +395,14 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
             sock, self._sock = self._sock, None
             if sock is not None:
                 self._loop._transports.pop(self._sock_fd, None)
+                if self._stream.send_in_kernel:
+                    # a send the cancel did not reach (blocked in an io-wq worker):
+                    # it holds the socket open past close(); shutting the sending side
+                    # down ends it (EPIPE) and lets the close below take effect
+                    try:
+                        sock.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
                 if self._empty_waiter is not None:
                     # a splice may be using the fd: closing it could hand the number
                     # to another file under the kernel's feet
@@ -377,6 +417,14 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
 
 # Server._attach/_detach take the transport from 3.13 on (for close_clients()).
 _SERVER_TRACKS_TRANSPORTS = len(inspect.signature(base_events.Server._attach).parameters) > 1
+
+
+def _unread_bytes(sock: socket.socket) -> int:
+    """How many received bytes wait in the socket (SIOCINQ); 0 when it cannot say."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+    except OSError:
+        return 0
 
 
 def _reset_and_close(sock: socket.socket) -> None:
