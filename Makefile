@@ -7,6 +7,7 @@
 #                    on uringloop (what CI runs)
 #   make compat      CPython's asyncio tests, asyncio vs uvloop vs uringloop, 3.11 and 3.12
 #   make test-quick  the suite on one interpreter (PYTHON=...)
+#   make fuzz        the stream-transport fuzzer on the sanitizer build (FUZZ_COUNT=...)
 #   make bench       loop micro-benchmarks and echo, asyncio vs uvloop vs uringloop
 
 # An interpreter of version $(1): pyenv's builds first, then PATH (shims that fail are skipped).
@@ -19,7 +20,7 @@ PY312 ?= $(call find_python,3.12)
 PYTEST_ARGS ?=
 APT_PACKAGES = liburing-dev strace wrk iproute2 curl
 
-.PHONY: system-deps example test test-quick test-311 test-313 test-asan compat compat-quick bench bench-quick lint clean
+.PHONY: system-deps example test test-quick test-311 test-313 test-asan fuzz fuzz-ci compat compat-quick bench bench-quick lint clean
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -29,7 +30,7 @@ system-deps:
 	fi
 
 # venv-<name>: PY=<interpreter>
-.venv-%/ready: pyproject.toml setup.py native/build_uring.py native/dataplane.c native/dataplane.h native/compat.h native/bufpool.c native/bufpool.h | system-deps
+.venv-%/ready: pyproject.toml setup.py $(wildcard native/*.c native/*.h native/*.py) | system-deps
 	@test -n "$(PY)" || { echo "no interpreter for $*: set PY=/path/to/python"; exit 1; }
 	$(PY) -m venv .venv-$*
 	.venv-$*/bin/pip install -q --upgrade pip
@@ -51,11 +52,16 @@ test-311: test-quick
 test-313: .venv-313/ready
 	.venv-313/bin/python -m pytest $(PYTEST_ARGS)
 
-# The native parts rebuilt with AddressSanitizer and UBSan, installed (not editable)
-# into their own venv, running the tests that drive them. PYTHONMALLOC=malloc lets
-# ASan see Python's own allocations too.
-ASAN_FLAGS = -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1
-test-asan: system-deps
+# The native parts rebuilt with AddressSanitizer and UBSan, and with fault injection
+# compiled in (URINGLOOP_FAULTS: see tests/fuzz_streams.py), installed (not editable)
+# into their own venv, running the tests that drive them, then a slice of the stream
+# fuzzer. PYTHONMALLOC=malloc lets ASan see Python's own allocations too.
+ASAN_FLAGS = -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1 \
+	-DUL_FAULT_INJECTION
+ASAN_RUN = LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" PYTHONMALLOC=malloc \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:verify_asan_link_order=0 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 URINGLOOP_EXPECT_SANITIZERS=1
+.venv-asan/ready: pyproject.toml setup.py $(wildcard native/*.c native/*.h native/*.py uringloop/*.py) | system-deps
 	rm -rf build .venv-asan
 	$(PYTHON) -m venv .venv-asan
 	.venv-asan/bin/pip install -q --upgrade pip
@@ -63,13 +69,38 @@ test-asan: system-deps
 	URINGLOOP_CFLAGS="$(ASAN_FLAGS)" URINGLOOP_LDFLAGS="-fsanitize=address,undefined" \
 		.venv-asan/bin/pip install -q --no-build-isolation --no-cache-dir .
 	rm -rf build
-	cd tests && LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" PYTHONMALLOC=malloc \
-		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:verify_asan_link_order=0 \
-		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 URINGLOOP_EXPECT_SANITIZERS=1 \
-		../.venv-asan/bin/python -m pytest -p no:cacheprovider -k "uringloop or not (asyncio or uvloop)" \
+	touch $@
+
+test-asan: .venv-asan/ready
+	cd tests && $(ASAN_RUN) ../.venv-asan/bin/python -m pytest -p no:cacheprovider \
+		-k "uringloop or not (asyncio or uvloop)" \
 		test_ring.py test_sock_api.py test_loop_api.py test_entrypoints.py test_transports.py \
 		test_servers.py test_zerocopy_buffers.py test_sendfile.py test_processes.py \
-		test_datagram.py test_tls.py
+		test_datagram.py test_tls.py test_loop_close.py test_protocol_switch.py \
+		test_reentrancy.py test_contextvars.py test_fuzz_findings.py
+	$(MAKE) fuzz-ci
+
+# The stream fuzzer (tests/fuzz_streams.py) on the sanitizer build. fuzz-ci is CI's
+# slice: a fixed seed, a fresh random seed (printed, with a replay command on failure)
+# and a run with SQE allocation, submission and table growth failing now and then.
+# `make fuzz FUZZ_COUNT=20000 [FUZZ_SEED=n] [FUZZ_FAULTS=sqe=7,submit=11,alloc=13]`
+# runs as long a session as wanted; FUZZ_ONLY=i replays scenario i of FUZZ_SEED.
+FUZZ_SEED ?=
+FUZZ_COUNT ?= 2000
+FUZZ_FAULTS ?=
+FUZZ_ONLY ?=
+FUZZ_CI_COUNT ?= 800
+FUZZ_CI_FAULTS = sqe=29,submit=31,alloc=7
+fuzz: .venv-asan/ready
+	$(ASAN_RUN) $(if $(FUZZ_FAULTS),URINGLOOP_FAULTS=$(FUZZ_FAULTS)) .venv-asan/bin/python \
+		tests/fuzz_streams.py $(if $(FUZZ_SEED),--seed $(FUZZ_SEED)) --keep-going \
+		$(if $(FUZZ_ONLY),--only $(FUZZ_ONLY),--count $(FUZZ_COUNT))
+
+fuzz-ci: .venv-asan/ready
+	$(ASAN_RUN) .venv-asan/bin/python tests/fuzz_streams.py --seed 1 --count $(FUZZ_CI_COUNT)
+	$(ASAN_RUN) .venv-asan/bin/python tests/fuzz_streams.py --count $(FUZZ_CI_COUNT)
+	$(ASAN_RUN) URINGLOOP_FAULTS=$(FUZZ_CI_FAULTS) .venv-asan/bin/python tests/fuzz_streams.py \
+		--seed 2 --count $$(( $(FUZZ_CI_COUNT) / 2 ))
 
 # CPython's own asyncio tests with the policy set to each loop (tests/cpython_compat.py).
 # compat: every loop-level module named in tests/cpython_compat.md, asyncio vs uvloop vs

@@ -207,3 +207,113 @@ async def test_add_writer_and_modify(fd_leak_check):
         b.send(b"r")
         assert await asyncio.wait_for(readable, 5) == b"r"
         loop.remove_reader(a)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("into", [False, True], ids=["sock_recv", "sock_recv_into"])
+async def test_recv_cancelled_after_the_peer_sent_hands_the_bytes_to_the_next_recv(
+    into, fd_leak_check
+):
+    """The kernel may have handed the byte to the cancelled receive already: it must go
+    to the next receive on that socket, which must not wait for data that left."""
+    loop = asyncio.get_running_loop()
+    a, b = nonblocking_pair()
+
+    async def recv(n):
+        if not into:
+            return await loop.sock_recv(b, n)
+        buf = bytearray(n)
+        return bytes(buf[: await loop.sock_recv_into(b, buf)])
+
+    with a, b:
+        for i in range(30):
+            task = asyncio.ensure_future(recv(1))
+            for _ in range(i % 3):  # the receive reaches the kernel after 0-2 iterations
+                await asyncio.sleep(0)
+            await loop.sock_sendall(a, b"%d" % (i % 10))
+            task.cancel()
+            try:
+                got = await task
+            except asyncio.CancelledError:
+                got = await asyncio.wait_for(recv(1), 5)
+            assert got == b"%d" % (i % 10), i
+
+
+def _big_view(size: int) -> memoryview:
+    """size bytes of zero pages (no memory is touched) ending in a marker."""
+    import mmap
+
+    m = mmap.mmap(-1, size)
+    m[size - 8 :] = b"THE-END!"
+    return memoryview(m)
+
+
+def _count_until(sock: socket.socket, total: int, tail: bytearray) -> int:
+    """Blocking reader for another thread: counts bytes, keeps the last 8."""
+    sock.setblocking(True)
+    sock.settimeout(60)
+    buf = bytearray(1 << 20)
+    got = 0
+    while got < total:
+        n = sock.recv_into(buf)
+        if not n:
+            break
+        got += n
+        tail[:] = (tail + buf[:n])[-8:]
+    return got
+
+
+FOUR_GIB = 1 << 32
+
+
+@pytest.mark.asyncio
+async def test_sendall_of_four_gib_and_more_sends_everything(fd_leak_check):
+    """An SQE's length is 32 bits and one send moves at most MAX_RW_COUNT bytes."""
+    loop = asyncio.get_running_loop()
+    size = FOUR_GIB + 16
+    view = _big_view(size)
+    client, conn = await tcp_connection(loop)
+    tail = bytearray()
+    with client, conn:
+        reader = loop.run_in_executor(None, _count_until, conn, size, tail)
+        await asyncio.wait_for(loop.sock_sendall(client, view), 120)
+        assert await asyncio.wait_for(reader, 120) == size
+        assert tail == b"THE-END!"
+    view.release()
+
+
+@pytest.mark.asyncio
+async def test_recv_of_four_gib_returns_the_data_waiting(fd_leak_check):
+    loop = asyncio.get_running_loop()
+    a, b = nonblocking_pair()
+    with a, b:
+        a.send(b"waiting")
+        assert await asyncio.wait_for(loop.sock_recv(b, FOUR_GIB), 10) == b"waiting"
+        a.send(b"again")
+        buf = bytearray(FOUR_GIB + 1)  # zero pages until written
+        assert await asyncio.wait_for(loop.sock_recv_into(b, buf), 10) == 5
+        assert buf[:5] == b"again"
+        del buf
+
+
+@pytest.mark.asyncio
+async def test_transport_write_of_four_gib_and_more_arrives_whole(fd_leak_check):
+    loop = asyncio.get_running_loop()
+    size = FOUR_GIB + 1
+    done = loop.create_future()
+
+    class Counter(asyncio.Protocol):
+        got = 0
+
+        def data_received(self, data):
+            self.got += len(data)
+            if self.got >= size and not done.done():
+                done.set_result(self.got)
+
+    server = await loop.create_server(Counter, "127.0.0.1", 0)
+    t, _ = await loop.create_connection(asyncio.Protocol, *server.sockets[0].getsockname())
+    t.write(bytes(size))  # calloc'd: zero pages, nothing touched
+    assert await asyncio.wait_for(done, 120) == size
+    t.close()
+    server.close()
+    await server.wait_closed()

@@ -157,3 +157,69 @@ async def test_tls_shutdown_timeout_is_accepted(tls_contexts):
     transport.close()
     server.close()
     await server.wait_closed()
+
+
+@pytest.mark.parametrize("peer", ["closes", "shuts-down"])
+@pytest.mark.parametrize("name", ["asyncio", "uvloop", "uringloop"])
+def test_unclean_close_keeps_no_reference_to_the_ssl_context(name, peer, tls_contexts):
+    """A request still in the kernel may keep memory, never the transport or protocol.
+
+    As CPython's test_shutdown_timeout_handler_leak, but the context must be gone as
+    soon as connection_lost() ran, without another loop iteration.
+    """
+    import gc
+    import socket
+    import threading
+    import weakref
+
+    from conftest import _factories
+
+    factories = _factories()
+    if name not in factories:
+        pytest.skip("uvloop has no wheel for this interpreter")
+    server_ctx, _ = tls_contexts
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = listener.accept()
+        tls = server_ctx.wrap_socket(conn, server_side=True)
+        tls.recv(32)
+        if peer == "shuts-down":
+            tls.shutdown(socket.SHUT_RDWR)  # FIN without close_notify
+        tls.close()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    loop = factories[name]()
+
+    class Proto(asyncio.Protocol):
+        def __init__(self):
+            self.fut = loop.create_future()
+
+        def connection_lost(self, exc):
+            self.fut.set_result(None)
+
+    async def client(ctx):
+        tr, pr = await loop.create_connection(
+            Proto, *listener.getsockname(), ssl=ctx, server_hostname="localhost"
+        )
+        tr.write(b"hello")
+        await asyncio.sleep(0.05)
+        tr.close()
+        await pr.fut
+
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx.load_verify_locations(os.path.join(os.path.dirname(__file__), "certs", "ca.pem"))
+    try:
+        loop.run_until_complete(asyncio.wait_for(client(ctx), 20))
+        ref = weakref.ref(ctx)
+        del ctx
+        gc.collect()
+        gc.collect()
+        assert ref() is None, gc.get_referrers(ref())
+    finally:
+        loop.close()
+        thread.join(10)
+        listener.close()
