@@ -287,6 +287,7 @@ extern PyObject *str_set_result, *str_set_exception, *str_done;
 extern PyObject *str_data_received, *str_get_buffer, *str_buffer_updated;
 extern PyObject *str_stream_eof, *str_stream_error, *str_stream_flushed, *str_protocol_error;
 extern PyObject *str_pause_protocol, *str_resume_protocol, *str_stream_unpinned, *str_is_closed;
+extern PyObject *str_fileno;
 extern PyObject *ul_minus_one;
 
 #define IS_ZCBUF(o) (Py_IS_TYPE((o), &ZeroCopyBufferType))

@@ -312,11 +312,33 @@ PyObject *Ring_recv_into(Ring *r, PyObject *args)
     return PyLong_FromUnsignedLongLong(op_key(op));
 }
 
+/* Whether op->fd still names the socket the request was made for. The application may
+   have closed that socket meanwhile (the kernel's request kept it alive), and the
+   number may name another file by now: a resubmission must not read, send or accept on
+   it. Records without a socket object (Ring's private callers) are taken as they are. */
+static int request_fd_still_ours(ul_op *op)
+{
+    if (!op->sock)
+        return 1;
+    PyObject *fd = PyObject_CallMethodNoArgs(op->sock, str_fileno);
+    long n = fd ? PyLong_AsLong(fd) : -1;
+    Py_XDECREF(fd);
+    if (PyErr_Occurred())
+        PyErr_Clear();
+    return n == op->fd;
+}
+
 /* Submit a receive, sendall or accept record again: what a sendall still owes after a
    short send, or the whole request after a spurious -EAGAIN (rule 6), when the kernel
-   first waits for readiness. Returns 0, or -1 with an exception set. */
+   first waits for readiness. Returns 0, or -1 with an exception set (EBADF once the
+   socket was closed). */
 static int request_resubmit(Ring *r, ul_op *op, int after_eagain)
 {
+    if (!request_fd_still_ours(op)) {
+        errno = EBADF;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
     struct io_uring_sqe *sqe = ring_sqe(r);
     if (!sqe)
         return -1;
@@ -351,7 +373,8 @@ PyObject *Ring_sendall(Ring *r, PyObject *args)
     PyObject *obj, *fut;
     Py_ssize_t offset = 0;
     struct io_uring_sqe *sqe;
-    if (!PyArg_ParseTuple(args, "iOO|n:sendall", &fd, &obj, &fut, &offset))
+    PyObject *sock = NULL;
+    if (!PyArg_ParseTuple(args, "iOO|nO:sendall", &fd, &obj, &fut, &offset, &sock))
         return NULL;
     ul_op *op = buffer_op(r, UL_SENDALL, fd, obj, fut, 0, &sqe);
     if (!op)
@@ -364,6 +387,8 @@ PyObject *Ring_sendall(Ring *r, PyObject *args)
         return NULL;
     }
     op->done = (size_t)offset;
+    if (sock && sock != Py_None)
+        op->sock = Py_NewRef(sock); /* whether fd is still this socket's, before a resubmit */
     io_uring_prep_send(sqe, fd, (char *)op->view.buf + offset,
                        cap_len((size_t)(op->view.len - offset)), MSG_NOSIGNAL);
     op_armed(r, op, sqe);
@@ -415,13 +440,16 @@ PyObject *Ring_accept(Ring *r, PyObject *args)
 {
     int fd;
     PyObject *fut;
-    if (!PyArg_ParseTuple(args, "iO:accept", &fd, &fut))
+    PyObject *sock = NULL;
+    if (!PyArg_ParseTuple(args, "iO|O:accept", &fd, &fut, &sock))
         return NULL;
     struct io_uring_sqe *sqe;
     ul_op *op = op_start(r, UL_ACCEPT, fd, fut, &sqe);
     if (!op)
         return NULL;
     op->addrlen = sizeof(op->addr);
+    if (sock && sock != Py_None)
+        op->sock = Py_NewRef(sock); /* whether fd is still this socket's, before a resubmit */
     io_uring_prep_accept(sqe, fd, (struct sockaddr *)&op->addr, &op->addrlen, SOCK_CLOEXEC);
     op_armed(r, op, sqe);
     return PyLong_FromUnsignedLongLong(op_key(op));

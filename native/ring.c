@@ -477,7 +477,7 @@ static void cancel_answered(Ring *r, uint64_t target, int res)
     r->n_cancel_retries++;
     if (op_cancel(r, op) < 0) {
         if (r->closing)
-            PyErr_Clear(); /* (rule 3) Ring.close() retries what it could not send */
+            PyErr_Clear(); /* (rule 3) Ring.close()'s next round sends it */
         else
             PyErr_WriteUnraisable((PyObject *)r);
     }
@@ -752,19 +752,15 @@ static void shutdown_stuck_streams(Ring *r)
     }
 }
 
-/* Cancel every request the kernel holds that was not told yet; returns how many
-   could not be told (no SQE even after flushing the SQ). */
-static int cancel_armed(Ring *r)
+/* Cancel every request the kernel holds that was not told yet (those that find no
+   SQE, even after flushing the SQ, are told next time). */
+static void cancel_armed(Ring *r)
 {
-    int unsent = 0;
     for (uint32_t i = 1; i < r->nops; i++) {
         ul_op *op = r->ops[i];
-        if (op->kind != UL_FREE && op->armed && !op->cancel_sent && op_cancel(r, op) < 0) {
+        if (op->kind != UL_FREE && op->armed && !op->cancel_sent && op_cancel(r, op) < 0)
             PyErr_Clear();
-            unsent++;
-        }
     }
-    return unsent;
 }
 
 /* close(timeout) -> int: cancel everything, reap until the kernel returned it all
@@ -805,10 +801,11 @@ static PyObject *Ring_close(Ring *r, PyObject *arg)
     if (ring_enable(r) < 0)
         PyErr_Clear();
     double started = now_monotonic(), deadline = started + limit;
-    int unsent = cancel_armed(r), shut = 0;
+    int shut = 0;
     while (r->inflight) {
-        if (unsent)
-            unsent = cancel_armed(r); /* the SQ was full: the reaping made room */
+        /* every round: cancels that found no SQE, or whose retry (cancel_answered)
+           found none, go now that reaping made room */
+        cancel_armed(r);
         if (!shut && now_monotonic() > started + 0.02) {
             shutdown_stuck_streams(r); /* cancels answer at once; these did not */
             shut = 1;

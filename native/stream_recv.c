@@ -523,7 +523,8 @@ static void rx_deliver_one(Ring *r, Stream *s)
     if (nchunks)
         r->rx_deliveries++;
     for (k = 0; k < nchunks; k++) {
-        if (!failed && stream_deliver(s, chunks[k]) < 0)
+        /* (a delivery that forked: the child delivers nothing more, rule 4) */
+        if (!failed && !ring_forked(r) && stream_deliver(s, chunks[k]) < 0)
             failed = 1;
         Py_DECREF(chunks[k]);
     }

@@ -84,12 +84,27 @@ static char *payload_data(PyObject *payload)
     return PyByteArray_AS_STRING(payload);
 }
 
-/* Drop the first n payloads from the queue; each gives back the lend write() took. */
+/* Drop the first n payloads from the queue; each gives back the lend write() took,
+   once it is out of the queue (a lend given back twice would free a ZeroCopyBuffer
+   the kernel still reads). */
 static int queue_drop(Stream *s, Py_ssize_t n)
 {
+    Py_ssize_t lent = 0;
     for (Py_ssize_t i = 0; i < n; i++)
-        zcbuf_unlend(PyList_GET_ITEM(s->queue, i));
-    return PyList_SetSlice(s->queue, 0, n, NULL);
+        lent += IS_ZCBUF(PyList_GET_ITEM(s->queue, i));
+    if (!lent) /* the usual case: nothing to give back, no copy of the slice */
+        return PyList_SetSlice(s->queue, 0, n, NULL);
+    PyObject *dropped = PyList_GetSlice(s->queue, 0, n);
+    if (!dropped)
+        return -1;
+    if (PyList_SetSlice(s->queue, 0, n, NULL) < 0) {
+        Py_DECREF(dropped);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        zcbuf_unlend(PyList_GET_ITEM(dropped, i));
+    Py_DECREF(dropped);
+    return 0;
 }
 
 void stream_drop_queue(Stream *s)

@@ -602,7 +602,7 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         if sent == view.nbytes:
             return
         fut = self.create_future()
-        key = self._ring.sendall(fd, data, fut, sent)
+        key = self._ring.sendall(fd, data, fut, sent, sock)
         try:
             await fut
         except asyncio.CancelledError:
@@ -628,6 +628,8 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         self._ensure_fd_no_transport(fd)
         sent = 0
         while sent < size:
+            if sock.fileno() != fd:  # closed meanwhile: the number may name another file
+                raise OSError(errno.EBADF, os.strerror(errno.EBADF))
             fut = self.create_future()
             key = self._ring.send_zc(fd, payload, fut, sent)
             try:
@@ -635,6 +637,10 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
             except asyncio.CancelledError:
                 self._ring.cancel(key)
                 raise
+            except BlockingIOError:
+                # a spurious EAGAIN (native/dataplane.h, rule 6): nothing went; the next
+                # request tries, then waits for room in the kernel
+                continue
             except OSError as exc:
                 if exc.errno not in (errno.ENOMEM, errno.EOPNOTSUPP):
                     raise
@@ -678,7 +684,7 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         """Accept one connection: IORING_OP_ACCEPT."""
         self._check_sock(sock)
         fut = self.create_future()
-        key = self._ring.accept(sock.fileno(), fut)
+        key = self._ring.accept(sock.fileno(), fut, sock)
         try:
             fd, address = await fut
         except asyncio.CancelledError:

@@ -346,11 +346,24 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
             self._loop._lingering.discard(self)
             _reset_and_close(sock)
 
+    def _shutdown_blocked_send(self, sock: socket.socket) -> None:
+        """A send no cancel reached (blocked in an io-wq worker, see ring.c) holds the
+        socket open past close(): shutting the sending side down ends it (EPIPE)."""
+        if self._stream.send_in_kernel:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
     def _reset_for_loop_close(self) -> None:
         """loop.close(): no iteration will wait for the notifications any more."""
         if self._linger_timer is not None:
             self._linger_timer.cancel()
         self._linger_expired()
+        if self._sock is not None and self._conn_lost:
+            # aborted, connection_lost() still to come: the ring's close cannot shut a
+            # closed stream's socket down itself (its fd number may be reused by then)
+            self._shutdown_blocked_send(self._sock)
         if self._sock is not None and self._stream.pinned:
             self._abortive = True
             self._force_close(None)
@@ -395,19 +408,14 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
             sock, self._sock = self._sock, None
             if sock is not None:
                 self._loop._transports.pop(self._sock_fd, None)
-                if self._stream.send_in_kernel:
-                    # a send the cancel did not reach (blocked in an io-wq worker):
-                    # it holds the socket open past close(); shutting the sending side
-                    # down ends it (EPIPE) and lets the close below take effect
-                    try:
-                        sock.shutdown(socket.SHUT_WR)
-                    except OSError:
-                        pass
-                if self._empty_waiter is not None:
+                if self._stream.forked:
+                    sock.close()  # the child's descriptor only: the socket is the parent's
+                elif self._empty_waiter is not None:
                     # a splice may be using the fd: closing it could hand the number
                     # to another file under the kernel's feet
                     self._sock_after_sendfile = sock
                 else:
+                    self._shutdown_blocked_send(sock)
                     self._close_socket(sock)
             self._protocol = None  # type: ignore[assignment]
             server, self._server = self._server, None
