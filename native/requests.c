@@ -328,6 +328,14 @@ static int request_fd_still_ours(ul_op *op)
     return n == op->fd;
 }
 
+/* The socket object a request is for (None or NULL: none), to tell before a
+   resubmission whether op->fd still names it (request_fd_still_ours). */
+static void op_keep_sock(ul_op *op, PyObject *sock)
+{
+    if (sock && sock != Py_None)
+        op->sock = Py_NewRef(sock);
+}
+
 /* Submit a receive, sendall or accept record again: what a sendall still owes after a
    short send, or the whole request after a spurious -EAGAIN (rule 6), when the kernel
    first waits for readiness. Returns 0, or -1 with an exception set (EBADF once the
@@ -387,8 +395,7 @@ PyObject *Ring_sendall(Ring *r, PyObject *args)
         return NULL;
     }
     op->done = (size_t)offset;
-    if (sock && sock != Py_None)
-        op->sock = Py_NewRef(sock); /* whether fd is still this socket's, before a resubmit */
+    op_keep_sock(op, sock);
     io_uring_prep_send(sqe, fd, (char *)op->view.buf + offset,
                        cap_len((size_t)(op->view.len - offset)), MSG_NOSIGNAL);
     op_armed(r, op, sqe);
@@ -448,8 +455,7 @@ PyObject *Ring_accept(Ring *r, PyObject *args)
     if (!op)
         return NULL;
     op->addrlen = sizeof(op->addr);
-    if (sock && sock != Py_None)
-        op->sock = Py_NewRef(sock); /* whether fd is still this socket's, before a resubmit */
+    op_keep_sock(op, sock);
     io_uring_prep_accept(sqe, fd, (struct sockaddr *)&op->addr, &op->addrlen, SOCK_CLOEXEC);
     op_armed(r, op, sqe);
     return PyLong_FromUnsignedLongLong(op_key(op));

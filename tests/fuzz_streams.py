@@ -47,6 +47,8 @@ import time
 import traceback
 import warnings
 
+from conftest import open_sockets  # (tests/ is this script's directory)
+
 import uringloop
 from uringloop import _dataplane
 
@@ -605,17 +607,6 @@ class Scenario:
             side.name: (side.received, side.eof, type(side.lost).__name__)
             for side in (self.a, self.b)
         }
-
-
-def open_sockets() -> set[int]:
-    fds = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
-                fds.add(int(name))
-        except OSError:
-            pass
-    return fds
 
 
 def run_one(
