@@ -44,7 +44,7 @@ def test_bench_runs_in_its_shortest_mode(tmp_path):
     assert "call_soon_per_s" in data["micro"]
     echo = data["echo"][0]
     assert set(echo["rps"]) >= {"asyncio", "uvloop", "uringloop", "c-liburing"}
-    assert all(v["median"] > 0 for v in echo["rps"].values())
+    assert all(v["median"] > 0 for v in echo["rps"].values()), echo["rps"]
     (http,) = data["http"]
     assert http["rps"]["uringloop"]["median"] > 0
     bulk = {b["proto"]: b for b in data["bulk"]}
