@@ -27,6 +27,7 @@ setup(
                 "native/stream_send.c",
                 "native/stream_recv.c",
                 "native/zcbuf.c",
+                "native/sched.c",
                 "native/bufpool.c",
             ],
             depends=["native/dataplane.h", "native/bufpool.h", "native/compat.h"],

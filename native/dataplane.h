@@ -12,6 +12,8 @@
  *   stream_recv.c  receives: the shared buffer ring, multishot and single-shot,
  *                  delivery to Protocol / BufferedProtocol, data held while paused
  *   zcbuf.c        ZeroCopyBuffer and the registered arena behind it
+ *   sched.c        the loop core: ready queue, timer heap, asyncio's Handles made in
+ *                  C, one loop iteration (_run_once) around ring_wait()
  *   module.c       the module: types, interned names, the at-fork handler
  *
  * The rules (each enforced in one place, named here)
@@ -173,6 +175,7 @@ typedef struct Ring {
     unsigned long fork_generation;
     uint64_t sq_epoch; /* bumped whenever prepared SQEs are handed to the kernel */
     int enabled;
+    unsigned long issuer_thread; /* the thread that enabled the ring (SINGLE_ISSUER's task) */
     int closing; /* Ring.close() has begun: nothing new is submitted (rule 3) */
     int closed;
     int drained;
@@ -194,7 +197,7 @@ typedef struct Ring {
     Py_ssize_t pinned_bytes;
     unsigned long long pinned_buffers;
     /* counters, exposed by stats() */
-    unsigned long long n_enter, n_cqe, n_sqe, n_stray, n_nopped, n_eagain, n_cancel_retries;
+    unsigned long long n_enter, n_enter_skipped, n_cqe, n_sqe, n_stray, n_nopped, n_eagain, n_cancel_retries;
     unsigned long long zc_sends, zc_bytes, zc_notifications, zc_copied, copy_fallback;
     unsigned long long copy_sends, copy_bytes;
     unsigned long long rx_cqes, rx_deliveries, rx_enobufs;
@@ -307,6 +310,12 @@ int ring_live(Ring *r);
    closing, closed or inherited, or the SQ is full and cannot be flushed. */
 struct io_uring_sqe *ring_sqe(Ring *r);
 int ring_enable(Ring *r);
+/* One loop iteration's I/O: flush queued writes, submit everything prepared, wait up
+   to timeout seconds (< 0: until something completes) in one io_uring_enter, reap and
+   dispatch the completions. Returns the fired polls as a list of (fd, revents), or
+   None when there are none; NULL with an exception (a callback's KeyboardInterrupt or
+   SystemExit, a forked child, a ring error). */
+PyObject *ring_wait(Ring *r, double timeout);
 
 ul_op *op_lookup(Ring *r, uint64_t key);
 ul_op *op_alloc(Ring *r, enum ul_kind kind);
@@ -418,6 +427,11 @@ void rx_teardown(Ring *r, int unregister);
 /* start_reading(): deliver what was held while paused, then read on */
 int stream_resume_delivery(Stream *s);
 int rx_spare_keep(Ring *r, PyObject *obj);
+
+/* ------------------------------------------------------------ sched.c */
+
+extern PyTypeObject LoopCoreType;
+int sched_ready_types(void);
 
 /* ------------------------------------------------------------ zcbuf.c */
 

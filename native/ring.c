@@ -226,6 +226,7 @@ int ring_enable(Ring *r)
         }
     }
     r->enabled = 1;
+    r->issuer_thread = PyThread_get_thread_ident();
     return 0;
 }
 
@@ -629,23 +630,33 @@ static void Ring_dealloc(Ring *r)
     Py_TYPE(r)->tp_free((PyObject *)r);
 }
 
-static PyObject *Ring_wait(Ring *r, PyObject *arg)
+/* An iteration that may not sleep can skip io_uring_enter when it would bring nothing:
+   no SQE prepared, and the kernel flags no pending completion work (IORING_SQ_TASKRUN,
+   which it sets only for rings made with TASKRUN_FLAG) and no overflowed CQEs. */
+static int ring_nothing_to_enter_for(Ring *r)
+{
+    struct io_uring *ring = r->ring;
+    if (!(ring->flags & IORING_SETUP_TASKRUN_FLAG) || io_uring_sq_ready(ring))
+        return 0;
+    /* a SINGLE_ISSUER ring run from another thread: let the kernel say so (EEXIST) */
+    if ((ring->flags & IORING_SETUP_SINGLE_ISSUER) &&
+        r->issuer_thread != PyThread_get_thread_ident())
+        return 0;
+    unsigned sq_flags = __atomic_load_n(ring->sq.kflags, __ATOMIC_ACQUIRE);
+    return !(sq_flags & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW));
+}
+
+PyObject *ring_wait(Ring *r, double timeout)
 {
     struct __kernel_timespec ts, *tsp = NULL;
     struct io_uring_cqe *cqe;
-    double timeout = -1.0;
-    int ret;
+    int ret = 0;
 
     if (!ring_live(r))
         return NULL;
     if (r->escaping) /* a callback outside the last batch was interrupted: no waiting */
         return ring_take_escaping(r);
-    if (arg != Py_None) {
-        timeout = PyFloat_AsDouble(arg);
-        if (timeout == -1.0 && PyErr_Occurred())
-            return NULL;
-        if (timeout < 0)
-            timeout = 0;
+    if (timeout >= 0) {
         ts.tv_sec = (long long)timeout;
         ts.tv_nsec = (long long)((timeout - (double)ts.tv_sec) * 1e9);
         tsp = &ts;
@@ -662,6 +673,9 @@ static PyObject *Ring_wait(Ring *r, PyObject *arg)
 
     if (ul_fault(UL_FAULT_SUBMIT)) {
         ret = -EAGAIN; /* nothing submitted: everything prepared goes next time */
+    } else if (timeout == 0 && ring_nothing_to_enter_for(r)) {
+        r->n_enter_skipped++;
+        goto reap_only;
     } else if (timeout == 0) {
         r->sq_epoch++;
         ret = io_uring_submit_and_get_events(r->ring);
@@ -696,6 +710,7 @@ static PyObject *Ring_wait(Ring *r, PyObject *arg)
             return PyErr_SetFromErrno(PyExc_OSError);
         }
     }
+reap_only:
     reap(r);
     if (r->escaping)
         return ring_take_escaping(r);
@@ -712,6 +727,19 @@ static PyObject *Ring_wait(Ring *r, PyObject *arg)
         return NULL;
     }
     return events;
+}
+
+static PyObject *Ring_wait(Ring *r, PyObject *arg)
+{
+    double timeout = -1.0;
+    if (arg != Py_None) {
+        timeout = PyFloat_AsDouble(arg);
+        if (timeout == -1.0 && PyErr_Occurred())
+            return NULL;
+        if (timeout < 0)
+            timeout = 0;
+    }
+    return ring_wait(r, timeout);
 }
 
 static double now_monotonic(void)
@@ -851,7 +879,8 @@ static PyObject *Ring_stats(Ring *r, PyObject *unused)
     uint32_t live = 0;
     for (uint32_t i = 1; i < r->nops; i++)
         live += r->ops[i]->kind != UL_FREE;
-    return Py_BuildValue("{sKsKsKsKsKsKsKsIsIsKsKsKsOsK}", "enters", r->n_enter, "cqes", r->n_cqe,
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsIsIsKsKsKsOsK}", "enters", r->n_enter,
+                         "enters_skipped", r->n_enter_skipped, "cqes", r->n_cqe,
                          "sqes", r->n_sqe, "stray_cqes", r->n_stray, "cancelled_before_submit",
                          r->n_nopped, "eagain_resubmits", r->n_eagain, "cancel_retries",
                          r->n_cancel_retries, "inflight", r->inflight, "records", live,

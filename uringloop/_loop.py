@@ -1,15 +1,20 @@
-"""The event loop: asyncio's scheduler on top of one io_uring.
+"""The event loop: a native scheduler on top of one io_uring.
 
 How it sits on asyncio
 ----------------------
-`asyncio.BaseEventLoop._run_once` is the only place callbacks run. Once per
-iteration it computes how long it may sleep (zero when callbacks are ready, the
-time to the next timer otherwise, forever when idle) and calls
-``self._selector.select(timeout)``. Here that selector is `RingSelector`, whose
-``select`` is one call into the data plane: submit every request prepared since
-the last iteration, wait in a single ``io_uring_enter`` with that timeout, and
-reap the batch of completions in C (resolving futures directly). Timers,
-``call_soon``, tasks, executors and DNS stay exactly asyncio's.
+`UringEventLoop` derives from the native `LoopCore` first and from asyncio's
+`SelectorEventLoop` second. LoopCore (native/sched.c) owns what runs per iteration:
+the ready queue, the timer heap, ``call_soon``/``call_later``/``call_at``/
+``call_soon_threadsafe`` (which return asyncio's own ``Handle`` and ``TimerHandle``
+objects, made in C) and ``_run_once``: compute how long it may sleep (zero when
+callbacks are ready, the time to the next timer otherwise, forever when idle), submit
+every request prepared since the last iteration and wait in a single
+``io_uring_enter`` with that timeout, reap the completions in C (resolving futures
+and calling protocols directly), move due timers to the ready queue, and run the
+handles that were ready, each in its context. Everything that is not per iteration
+(executors, DNS, servers, subprocesses, ``run_until_complete``, exception handling,
+async generator hooks) stays asyncio's Python; in debug mode scheduling and running
+handles go through asyncio's Python too, so its checks and warnings are the same.
 
 Everything asyncio builds on readiness (``add_reader``/``add_writer`` and the
 transports, pipes, subprocesses and signal wake-ups built on them) keeps working
@@ -32,14 +37,16 @@ import os
 import selectors
 import socket
 import stat
+import sys
+import threading
 import warnings
 import weakref
-from asyncio import base_events, events, exceptions, unix_events
+from asyncio import base_events, events, exceptions, format_helpers, unix_events
 from collections.abc import Callable
 from typing import Any
 
 from . import _ring
-from ._dataplane import Ring, ZeroCopyBuffer
+from ._dataplane import LoopCore, Ring, ZeroCopyBuffer
 from ._splice import SplicePipes, splice_file_to_socket
 from ._transports import (
     DEFAULT_ZC_THRESHOLD,
@@ -129,6 +136,10 @@ class RingSelector(selectors._BaseSelectorImpl):  # type: ignore[name-defined]
         fired = self._ring.wait(timeout)
         if fired is None:
             return []
+        return self.fired_keys(fired)
+
+    def fired_keys(self, fired: list[tuple[int, int]]) -> list[tuple[selectors.SelectorKey, int]]:
+        """The selector's answer for the polls one ring wait reported as fired."""
         ready = []
         fd_to_key = self._fd_to_key
         for fd, revents in fired:
@@ -178,7 +189,7 @@ def _zerocopy_options(zerocopy: str | None, zc_threshold: int | None) -> tuple[s
     return zerocopy, zc_threshold
 
 
-class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type]
+class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type]
     """An asyncio event loop whose only way of waiting and doing I/O is one io_uring.
 
     ``setup`` picks the ring's set-up flags: ``"auto"`` (the default, or the
@@ -252,6 +263,7 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
         self._splice_pipes = SplicePipes()
         self._splice_stats = {"sendfile_calls": 0, "sendfile_spliced_bytes": 0}
         self._recv_backlog: dict[int, _RecvBacklog] = {}  # fd -> cancelled receives
+        self._attach_ring(self._ring)
         try:
             super().__init__(selector=RingSelector(self._ring))
         except BaseException:
@@ -262,6 +274,89 @@ class UringEventLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type
             self._close_ring()
             self._closed = True  # BaseEventLoop.__del__ then has nothing to close
             raise
+
+    # ------------------------------------------------------------ the scheduler's Python parts
+    # (LoopCore, native/sched.c, calls these only off the fast path)
+
+    if hasattr(base_events.BaseEventLoop, "_run_forever_setup"):  # 3.13+
+
+        def run_forever(self) -> None:
+            """Run until stop() is called."""
+            if type(self)._run_once is not LoopCore._run_once:
+                return super().run_forever()
+            try:
+                self._run_forever_setup()
+                self._run_until_stopped()
+            finally:
+                self._run_forever_cleanup()
+
+    else:
+
+        def run_forever(self) -> None:
+            """Run until stop() is called."""
+            # BaseEventLoop.run_forever of 3.10-3.12, with its inner loop in C
+            if type(self)._run_once is not LoopCore._run_once:
+                return super().run_forever()
+            self._check_closed()
+            self._check_running()
+            self._set_coroutine_origin_tracking(self._debug)
+            old_agen_hooks = sys.get_asyncgen_hooks()
+            try:
+                self._thread_id = threading.get_ident()
+                sys.set_asyncgen_hooks(
+                    firstiter=self._asyncgen_firstiter_hook,
+                    finalizer=self._asyncgen_finalizer_hook,
+                )
+                events._set_running_loop(self)
+                self._run_until_stopped()
+            finally:
+                self._stopping = False
+                self._thread_id = None
+                events._set_running_loop(None)
+                self._set_coroutine_origin_tracking(False)
+                sys.set_asyncgen_hooks(*old_agen_hooks)
+
+    def _ring_events(self, fired: list[tuple[int, int]]) -> None:
+        """Polls of add_reader/add_writer fds that fired in this iteration's wait."""
+        self._process_events(self._selector.fired_keys(fired))
+
+    def _handle_raised(self, handle: events.Handle, exc: BaseException) -> None:
+        """A callback raised: what Handle._run does with it."""
+        cb = format_helpers._format_callback_source(handle._callback, handle._args)
+        context = {"message": f"Exception in callback {cb}", "exception": exc, "handle": handle}
+        if handle._source_traceback:
+            context["source_traceback"] = handle._source_traceback
+        self.call_exception_handler(context)
+
+    def _run_handle_debug(self, handle: events.Handle) -> None:
+        """Debug mode: run a handle as BaseEventLoop._run_once does, timed."""
+        try:
+            self._current_handle = handle
+            t0 = self.time()
+            handle._run()
+            dt = self.time() - t0
+            if dt >= self.slow_callback_duration:
+                base_events.logger.warning(
+                    "Executing %s took %.3f seconds", base_events._format_handle(handle), dt
+                )
+        finally:
+            self._current_handle = None
+
+    def _call_at_debug(
+        self, when: float, callback: Callable[..., object], *args: Any, context: Any = None
+    ) -> events.TimerHandle:
+        """Debug mode's call_at: BaseEventLoop.call_at, onto the native heap."""
+        if when is None:
+            raise TypeError("when cannot be None")
+        self._check_closed()
+        self._check_thread()
+        self._check_callback(callback, "call_at")
+        timer = events.TimerHandle(when, callback, args, self, context)
+        if timer._source_traceback:
+            del timer._source_traceback[-1]
+        self._scheduled.append(timer)
+        timer._scheduled = True
+        return timer
 
     # ------------------------------------------------------------ lifecycle
 

@@ -9,6 +9,10 @@ Facts this module relies on (see shared/notes/kernel-facts.md for sources):
 - Set-up flags for a single-threaded loop, newest first: SINGLE_ISSUER (6.0) with
   DEFER_TASKRUN (6.1), else COOP_TASKRUN (5.19), plus SUBMIT_ALL (5.18) and CQSIZE.
   A kernel that does not know a flag answers EINVAL, so we step down one rung at a time.
+- TASKRUN_FLAG (5.19, with COOP_TASKRUN or DEFER_TASKRUN) makes the kernel set
+  IORING_SQ_TASKRUN in the SQ ring's flags whenever completion work waits for us. An
+  iteration that must not sleep, has nothing to submit, and sees neither that flag nor
+  CQ_OVERFLOW would get nothing from io_uring_enter, so the data plane skips the call.
 - SINGLE_ISSUER binds the ring to one task; a ring created with R_DISABLED binds to
   the task that enables it, which the data plane does in the loop's first wait().
 - Opcodes are probed with IORING_REGISTER_PROBE; request flags the probe cannot see
@@ -54,6 +58,7 @@ SETUP_LADDER: tuple[tuple[str, int], ...] = (
         "SINGLE_ISSUER|DEFER_TASKRUN|SUBMIT_ALL",
         lib.IORING_SETUP_SINGLE_ISSUER
         | lib.IORING_SETUP_DEFER_TASKRUN
+        | lib.IORING_SETUP_TASKRUN_FLAG
         | lib.IORING_SETUP_SUBMIT_ALL
         | lib.IORING_SETUP_R_DISABLED,
     ),
@@ -61,10 +66,14 @@ SETUP_LADDER: tuple[tuple[str, int], ...] = (
         "SINGLE_ISSUER|COOP_TASKRUN|SUBMIT_ALL",
         lib.IORING_SETUP_SINGLE_ISSUER
         | lib.IORING_SETUP_COOP_TASKRUN
+        | lib.IORING_SETUP_TASKRUN_FLAG
         | lib.IORING_SETUP_SUBMIT_ALL
         | lib.IORING_SETUP_R_DISABLED,
     ),
-    ("COOP_TASKRUN|SUBMIT_ALL", lib.IORING_SETUP_COOP_TASKRUN | lib.IORING_SETUP_SUBMIT_ALL),
+    (
+        "COOP_TASKRUN|SUBMIT_ALL",
+        lib.IORING_SETUP_COOP_TASKRUN | lib.IORING_SETUP_TASKRUN_FLAG | lib.IORING_SETUP_SUBMIT_ALL,
+    ),
     ("SUBMIT_ALL", lib.IORING_SETUP_SUBMIT_ALL),
     ("plain", 0),
 )

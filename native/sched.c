@@ -1,0 +1,1066 @@
+/* The loop core: the ready queue, the timer heap and one iteration of the loop.
+ *
+ * LoopCore is the first base of UringEventLoop, ahead of asyncio.SelectorEventLoop, so
+ * its methods replace BaseEventLoop's per-iteration ones (call_soon, call_later,
+ * call_at, call_soon_threadsafe, time, _run_once, _add_callback,
+ * _timer_handle_cancelled) while everything else stays asyncio's Python.
+ *
+ * Invariants
+ * ----------
+ * 1. The handles are asyncio's own. call_soon() returns an instance of
+ *    asyncio.events.Handle and call_at() of asyncio.events.TimerHandle, made in C by
+ *    allocating the class and filling its __slots__ at the offsets its member
+ *    descriptors give (looked up by name once). cancel(), cancelled(), when(),
+ *    get_context(), repr and isinstance checks are asyncio's code on asyncio's objects.
+ * 2. Semantics are BaseEventLoop's, step for step: a handle runs in its context with
+ *    Context.run's enter/exit; a callback's exception other than SystemExit and
+ *    KeyboardInterrupt goes to call_exception_handler with Handle._run's context
+ *    dict; those two leave _run_once with the rest of the batch still queued; one
+ *    iteration runs exactly the handles that were ready when it began (new ones wait
+ *    for the next); timers fire once now + clock_resolution passes their `when`
+ *    (never early); ties in the heap break as heapq's do, because the heap is
+ *    heapq's algorithm over the same `<` on `when`; cancelled timers are dropped from
+ *    the top of the heap, and the whole heap is compacted when more than half of more
+ *    than 100 timers are cancelled.
+ * 3. Debug mode is asyncio's: with loop.get_debug() true, scheduling goes through
+ *    BaseEventLoop's Python methods (thread checks, callback checks, source
+ *    tracebacks) and handles run through _run_handle_debug (slow-callback warnings,
+ *    _current_handle). Only the queues are ours.
+ * 4. Every call into Python may re-enter: schedule, cancel, stop or close the loop,
+ *    or (another thread) call_soon_threadsafe. So nothing holds a pointer into the
+ *    ready queue or the heap across such a call, and a handle is owned by the
+ *    iteration (a strong reference) while it runs.
+ * 5. The GIL guards both queues; call_soon_threadsafe() from another thread holds it
+ *    while it appends, then wakes the loop through asyncio's self-pipe.
+ */
+#include "dataplane.h"
+
+#include <structmember.h>
+#include <time.h>
+
+/* asyncio's rule for compacting the heap (base_events._MIN_SCHEDULED_TIMER_HANDLES and
+   _MIN_CANCELLED_TIMER_HANDLES_FRACTION) */
+#define MIN_SCHEDULED_TIMER_HANDLES 100
+#define MIN_CANCELLED_TIMER_HANDLES_FRACTION 0.5
+/* base_events.MAXIMUM_SELECT_TIMEOUT */
+#define MAXIMUM_SELECT_TIMEOUT (24.0 * 3600.0)
+
+typedef struct {
+    double when;
+    PyObject *handle; /* a TimerHandle (strong reference) */
+} ul_timer;
+
+typedef struct LoopCore {
+    PyObject_HEAD
+    Ring *ring;
+    /* the ready queue: a circular buffer of handles, capacity a power of two */
+    PyObject **ready;
+    Py_ssize_t rhead, rlen, rcap;
+    /* the timer heap, ordered by when */
+    ul_timer *heap;
+    Py_ssize_t nheap, capheap;
+    Py_ssize_t timer_cancelled_count;
+    double clock_resolution;
+    char closed, stopping, debug;
+    PyObject *debug_value; /* what _debug was set to, returned as is */
+    unsigned long long n_iterations, n_handles;
+} LoopCore;
+
+/* asyncio.events.Handle / TimerHandle and where their slots live (invariant 1) */
+static PyTypeObject *HandleType, *TimerHandleType;
+static Py_ssize_t off_callback, off_args, off_cancelled, off_loop, off_source_traceback,
+    off_repr, off_context, off_when, off_scheduled;
+/* BaseEventLoop's Python methods, for debug mode (invariant 3) */
+static PyObject *base_call_soon, *base_call_soon_threadsafe, *base_call_later;
+static PyObject *str_call_at_debug, *str_run_handle_debug, *str_handle_raised, *str_ring_events, *str_write_to_self,
+    *str_run, *str_cancelled_attr, *str_context_kw;
+static PyObject *empty_tuple;
+
+#define SLOT(o, off) (*(PyObject **)((char *)(o) + (off)))
+
+static void slot_set(PyObject *o, Py_ssize_t off, PyObject *v)
+{
+    Py_XINCREF(v);
+    Py_XSETREF(SLOT(o, off), v);
+}
+
+static int slot_offset(PyTypeObject *type, const char *name, Py_ssize_t *off)
+{
+    PyObject *d = PyDict_GetItemString(type->tp_dict, name);
+    if (!d || !Py_IS_TYPE(d, &PyMemberDescr_Type) ||
+        ((PyMemberDescrObject *)d)->d_member->type != T_OBJECT_EX) {
+        PyErr_Format(PyExc_RuntimeError, "uringloop: %s.%s is not a slot", type->tp_name, name);
+        return -1;
+    }
+    *off = ((PyMemberDescrObject *)d)->d_member->offset;
+    return 0;
+}
+
+static int intern_name(PyObject **slot, const char *name)
+{
+    *slot = PyUnicode_InternFromString(name);
+    return *slot ? 0 : -1;
+}
+
+static int sched_init_globals(void)
+{
+    if (HandleType)
+        return 0;
+    PyObject *events = PyImport_ImportModule("asyncio.events");
+    PyObject *base = events ? PyImport_ImportModule("asyncio.base_events") : NULL;
+    PyObject *h = events ? PyObject_GetAttrString(events, "Handle") : NULL;
+    PyObject *th = h ? PyObject_GetAttrString(events, "TimerHandle") : NULL;
+    PyObject *bel = th && base ? PyObject_GetAttrString(base, "BaseEventLoop") : NULL;
+    Py_XDECREF(events);
+    Py_XDECREF(base);
+    if (!bel)
+        goto fail;
+    if (!PyType_Check(h) || !PyType_Check(th) ||
+        !PyType_IsSubtype((PyTypeObject *)th, (PyTypeObject *)h)) {
+        PyErr_SetString(PyExc_RuntimeError, "uringloop: asyncio's Handle classes are not types");
+        goto fail;
+    }
+    PyTypeObject *ht = (PyTypeObject *)h, *tht = (PyTypeObject *)th;
+    if (slot_offset(ht, "_callback", &off_callback) || slot_offset(ht, "_args", &off_args) ||
+        slot_offset(ht, "_cancelled", &off_cancelled) || slot_offset(ht, "_loop", &off_loop) ||
+        slot_offset(ht, "_source_traceback", &off_source_traceback) ||
+        slot_offset(ht, "_repr", &off_repr) || slot_offset(ht, "_context", &off_context) ||
+        slot_offset(tht, "_when", &off_when) || slot_offset(tht, "_scheduled", &off_scheduled))
+        goto fail;
+    if (!(base_call_soon = PyObject_GetAttrString(bel, "call_soon")) ||
+        !(base_call_soon_threadsafe = PyObject_GetAttrString(bel, "call_soon_threadsafe")) ||
+        !(base_call_later = PyObject_GetAttrString(bel, "call_later")))
+        goto fail;
+    if (intern_name(&str_call_at_debug, "_call_at_debug") ||
+        intern_name(&str_run_handle_debug, "_run_handle_debug") ||
+        intern_name(&str_handle_raised, "_handle_raised") ||
+        intern_name(&str_ring_events, "_ring_events") ||
+        intern_name(&str_write_to_self, "_write_to_self") || intern_name(&str_run, "_run") ||
+        intern_name(&str_cancelled_attr, "_cancelled") || intern_name(&str_context_kw, "context"))
+        goto fail;
+    if (!(empty_tuple = PyTuple_New(0)))
+        goto fail;
+    Py_DECREF(bel);
+    HandleType = ht;
+    TimerHandleType = tht;
+    return 0;
+fail:
+    Py_XDECREF(h);
+    Py_XDECREF(th);
+    Py_XDECREF(bel);
+    return -1;
+}
+
+static double monotonic_now(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+/* ------------------------------------------------------------ handles */
+
+/* Whether the handle runs through our fast path: exactly asyncio's classes. */
+static inline int handle_is_plain(PyObject *h)
+{
+    return Py_IS_TYPE(h, HandleType) || Py_IS_TYPE(h, TimerHandleType);
+}
+
+/* handle._cancelled, for any Handle instance; -1 with an exception for other objects
+   that fail to say */
+static int handle_cancelled(PyObject *h)
+{
+    if (PyObject_TypeCheck(h, HandleType))
+        return SLOT(h, off_cancelled) == Py_True;
+    PyObject *v = PyObject_GetAttr(h, str_cancelled_attr);
+    if (!v)
+        return -1;
+    int t = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return t;
+}
+
+/* A new Handle (or TimerHandle when `when` is given) with asyncio's fields, without
+   running its __init__ (invariant 1). Steals nothing. */
+static PyObject *handle_new(LoopCore *self, PyTypeObject *type, PyObject *callback,
+                            PyObject *args, PyObject *context, PyObject *when)
+{
+    PyObject *ctx = context && context != Py_None ? Py_NewRef(context) : PyContext_CopyCurrent();
+    if (!ctx)
+        return NULL;
+    PyObject *h = type->tp_alloc(type, 0);
+    if (!h) {
+        Py_DECREF(ctx);
+        return NULL;
+    }
+    SLOT(h, off_context) = ctx;
+    SLOT(h, off_loop) = Py_NewRef((PyObject *)self);
+    SLOT(h, off_callback) = Py_NewRef(callback);
+    SLOT(h, off_args) = Py_NewRef(args);
+    SLOT(h, off_cancelled) = Py_NewRef(Py_False);
+    SLOT(h, off_repr) = Py_NewRef(Py_None);
+    SLOT(h, off_source_traceback) = Py_NewRef(Py_None);
+    if (when) {
+        SLOT(h, off_when) = Py_NewRef(when);
+        SLOT(h, off_scheduled) = Py_NewRef(Py_False);
+    }
+    return h;
+}
+
+/* ------------------------------------------------------------ the ready queue */
+
+static int ready_push(LoopCore *self, PyObject *h) /* steals h */
+{
+    if (self->rlen == self->rcap) {
+        Py_ssize_t cap = self->rcap ? self->rcap * 2 : 256;
+        PyObject **q = PyMem_Malloc(cap * sizeof(PyObject *));
+        if (!q) {
+            Py_DECREF(h);
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < self->rlen; i++)
+            q[i] = self->ready[(self->rhead + i) & (self->rcap - 1)];
+        PyMem_Free(self->ready);
+        self->ready = q;
+        self->rhead = 0;
+        self->rcap = cap;
+    }
+    self->ready[(self->rhead + self->rlen) & (self->rcap - 1)] = h;
+    self->rlen++;
+    return 0;
+}
+
+static PyObject *ready_pop(LoopCore *self) /* new reference; rlen > 0 */
+{
+    PyObject *h = self->ready[self->rhead];
+    self->rhead = (self->rhead + 1) & (self->rcap - 1);
+    self->rlen--;
+    return h;
+}
+
+static void ready_clear(LoopCore *self)
+{
+    /* take them out first: dropping a handle may run a finalizer that schedules */
+    while (self->rlen) {
+        PyObject *h = ready_pop(self);
+        Py_DECREF(h);
+    }
+}
+
+/* ------------------------------------------------------------ the timer heap */
+/* heapq's algorithm exactly (_siftdown / _siftup of Lib/heapq.py), so that timers with
+   equal `when` fire in the order they would on asyncio's loop (invariant 2). */
+
+static void heap_siftdown(ul_timer *heap, Py_ssize_t start, Py_ssize_t pos)
+{
+    ul_timer item = heap[pos];
+    while (pos > start) {
+        Py_ssize_t parentpos = (pos - 1) >> 1;
+        if (item.when < heap[parentpos].when) {
+            heap[pos] = heap[parentpos];
+            pos = parentpos;
+            continue;
+        }
+        break;
+    }
+    heap[pos] = item;
+}
+
+static void heap_siftup(ul_timer *heap, Py_ssize_t n, Py_ssize_t pos)
+{
+    Py_ssize_t startpos = pos;
+    ul_timer item = heap[pos];
+    Py_ssize_t childpos = 2 * pos + 1;
+    while (childpos < n) {
+        Py_ssize_t rightpos = childpos + 1;
+        if (rightpos < n && !(heap[childpos].when < heap[rightpos].when))
+            childpos = rightpos;
+        heap[pos] = heap[childpos];
+        pos = childpos;
+        childpos = 2 * pos + 1;
+    }
+    heap[pos] = item;
+    heap_siftdown(heap, startpos, pos);
+}
+
+static int heap_push(LoopCore *self, PyObject *h, double when) /* new reference to h */
+{
+    if (self->nheap == self->capheap) {
+        Py_ssize_t cap = self->capheap ? self->capheap * 2 : 64;
+        ul_timer *heap = PyMem_Realloc(self->heap, cap * sizeof(ul_timer));
+        if (!heap) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->heap = heap;
+        self->capheap = cap;
+    }
+    self->heap[self->nheap].when = when;
+    self->heap[self->nheap].handle = Py_NewRef(h);
+    heap_siftdown(self->heap, 0, self->nheap);
+    self->nheap++;
+    return 0;
+}
+
+static PyObject *heap_pop(LoopCore *self) /* the earliest timer, a new reference */
+{
+    ul_timer last = self->heap[--self->nheap];
+    if (!self->nheap)
+        return last.handle;
+    PyObject *top = self->heap[0].handle;
+    self->heap[0] = last;
+    heap_siftup(self->heap, self->nheap, 0);
+    return top;
+}
+
+static void heap_clear(LoopCore *self)
+{
+    while (self->nheap) {
+        PyObject *h = self->heap[--self->nheap].handle;
+        Py_DECREF(h);
+    }
+}
+
+/* Timer handles only get here through call_at (or the _scheduled setter), which
+   checked the type. */
+static inline int timer_cancelled(PyObject *h) { return SLOT(h, off_cancelled) == Py_True; }
+
+/* asyncio's clean-up at the top of _run_once (invariant 2). */
+static void heap_drop_cancelled(LoopCore *self)
+{
+    Py_ssize_t n = self->nheap;
+    if (n > MIN_SCHEDULED_TIMER_HANDLES &&
+        (double)self->timer_cancelled_count / (double)n > MIN_CANCELLED_TIMER_HANDLES_FRACTION) {
+        /* compact: keep the live ones, then heapify; drop references only afterwards
+           (a finalizer may schedule) */
+        PyObject **dropped = PyMem_Malloc(n * sizeof(PyObject *));
+        if (!dropped) /* no memory for the list: pop from the top instead */
+            goto from_top;
+        Py_ssize_t kept = 0, ndropped = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *h = self->heap[i].handle;
+            if (timer_cancelled(h)) {
+                slot_set(h, off_scheduled, Py_False);
+                dropped[ndropped++] = h;
+            } else {
+                self->heap[kept++] = self->heap[i];
+            }
+        }
+        self->nheap = kept;
+        for (Py_ssize_t i = kept / 2 - 1; i >= 0; i--)
+            heap_siftup(self->heap, kept, i);
+        self->timer_cancelled_count = 0;
+        for (Py_ssize_t i = 0; i < ndropped; i++)
+            Py_DECREF(dropped[i]);
+        PyMem_Free(dropped);
+        return;
+    }
+from_top:
+    while (self->nheap && timer_cancelled(self->heap[0].handle)) {
+        self->timer_cancelled_count--;
+        PyObject *h = heap_pop(self);
+        slot_set(h, off_scheduled, Py_False);
+        Py_DECREF(h);
+    }
+}
+
+/* ------------------------------------------------------------ scheduling */
+
+static int check_open(LoopCore *self)
+{
+    if (self->closed) {
+        PyErr_SetString(PyExc_RuntimeError, "Event loop is closed");
+        return -1;
+    }
+    return 0;
+}
+
+/* (callback, *args, context=None) of a METH_FASTCALL|METH_KEYWORDS method, after
+   `skip` leading positionals. */
+static int parse_callback_args(const char *fname, PyObject *const *args, Py_ssize_t nargs,
+                               PyObject *kwnames, Py_ssize_t skip, PyObject **callback,
+                               PyObject **cb_args, PyObject **context)
+{
+    *context = NULL;
+    if (kwnames) {
+        Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
+        for (Py_ssize_t i = 0; i < nkw; i++) {
+            PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+            if (name != str_context_kw && !PyUnicode_Check(name)) {
+                PyErr_Format(PyExc_TypeError, "%s() keywords must be strings", fname);
+                return -1;
+            }
+            if (name != str_context_kw && PyUnicode_Compare(name, str_context_kw) != 0) {
+                PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%U'",
+                             fname, name);
+                return -1;
+            }
+            *context = args[nargs + i];
+        }
+    }
+    if (nargs < skip + 1) {
+        PyErr_Format(PyExc_TypeError, "%s() missing required positional argument", fname);
+        return -1;
+    }
+    *callback = args[skip];
+    Py_ssize_t n = nargs - skip - 1;
+    if (n == 0) {
+        *cb_args = Py_NewRef(empty_tuple);
+    } else {
+        PyObject *t = PyTuple_New(n);
+        if (!t)
+            return -1;
+        for (Py_ssize_t i = 0; i < n; i++)
+            PyTuple_SET_ITEM(t, i, Py_NewRef(args[skip + 1 + i]));
+        *cb_args = t;
+    }
+    return 0;
+}
+
+/* Debug mode: BaseEventLoop's own method (invariant 3). */
+static PyObject *call_base(PyObject *func, LoopCore *self, PyObject *const *args, size_t nargsf,
+                           PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    PyObject *small[8], **stack = small;
+    if (nargs + nkw + 1 > 8 && !(stack = PyMem_Malloc((nargs + nkw + 1) * sizeof(PyObject *))))
+        return PyErr_NoMemory();
+    stack[0] = (PyObject *)self;
+    for (Py_ssize_t i = 0; i < nargs + nkw; i++)
+        stack[i + 1] = args[i];
+    PyObject *res = PyObject_Vectorcall(func, stack, nargs + 1, kwnames);
+    if (stack != small)
+        PyMem_Free(stack);
+    return res;
+}
+
+static PyObject *schedule_soon(LoopCore *self, const char *fname, PyObject *const *args,
+                               Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *callback, *cb_args, *context;
+    if (check_open(self) < 0)
+        return NULL;
+    if (parse_callback_args(fname, args, nargs, kwnames, 0, &callback, &cb_args, &context) < 0)
+        return NULL;
+    PyObject *h = handle_new(self, HandleType, callback, cb_args, context, NULL);
+    Py_DECREF(cb_args);
+    if (!h || ready_push(self, Py_NewRef(h)) < 0) {
+        Py_XDECREF(h);
+        return NULL;
+    }
+    return h;
+}
+
+static PyObject *LoopCore_call_soon(LoopCore *self, PyObject *const *args, size_t nargsf,
+                                    PyObject *kwnames)
+{
+    if (self->debug)
+        return call_base(base_call_soon, self, args, nargsf, kwnames);
+    return schedule_soon(self, "call_soon", args, PyVectorcall_NARGS(nargsf), kwnames);
+}
+
+static PyObject *LoopCore_call_soon_threadsafe(LoopCore *self, PyObject *const *args,
+                                               size_t nargsf, PyObject *kwnames)
+{
+    if (self->debug)
+        return call_base(base_call_soon_threadsafe, self, args, nargsf, kwnames);
+    PyObject *h =
+        schedule_soon(self, "call_soon_threadsafe", args, PyVectorcall_NARGS(nargsf), kwnames);
+    if (!h)
+        return NULL;
+    PyObject *r = PyObject_CallMethodNoArgs((PyObject *)self, str_write_to_self);
+    if (!r) {
+        Py_DECREF(h);
+        return NULL;
+    }
+    Py_DECREF(r);
+    return h;
+}
+
+/* _call_soon(callback, args, context): what BaseEventLoop's Python methods call in
+   debug mode; asyncio's Handle.__init__ then records the source traceback. */
+static PyObject *LoopCore__call_soon(LoopCore *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "_call_soon(callback, args, context)");
+        return NULL;
+    }
+    PyObject *h;
+    if (self->debug) {
+        PyObject *a[4] = {args[0], args[1], (PyObject *)self, args[2]};
+        h = PyObject_Vectorcall((PyObject *)HandleType, a, 4, NULL);
+    } else {
+        h = handle_new(self, HandleType, args[0], args[1], args[2], NULL);
+    }
+    if (!h || ready_push(self, Py_NewRef(h)) < 0) {
+        Py_XDECREF(h);
+        return NULL;
+    }
+    return h;
+}
+
+static PyObject *schedule_at(LoopCore *self, PyObject *when_obj, const char *fname,
+                             PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *callback, *cb_args, *context;
+    double when = PyFloat_AsDouble(when_obj);
+    if (when == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (check_open(self) < 0)
+        return NULL;
+    if (parse_callback_args(fname, args, nargs, kwnames, 1, &callback, &cb_args, &context) < 0)
+        return NULL;
+    PyObject *h = handle_new(self, TimerHandleType, callback, cb_args, context, when_obj);
+    Py_DECREF(cb_args);
+    if (!h)
+        return NULL;
+    if (heap_push(self, h, when) < 0) {
+        Py_DECREF(h);
+        return NULL;
+    }
+    slot_set(h, off_scheduled, Py_True);
+    return h;
+}
+
+static PyObject *LoopCore_call_at(LoopCore *self, PyObject *const *args, size_t nargsf,
+                                  PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (self->debug) { /* BaseEventLoop.call_at pushes with heapq: the loop's Python twin */
+        PyObject *meth = PyObject_GetAttr((PyObject *)self, str_call_at_debug);
+        PyObject *res = meth ? PyObject_Vectorcall(meth, args, nargsf, kwnames) : NULL;
+        Py_XDECREF(meth);
+        return res;
+    }
+    if (nargs < 2) {
+        PyErr_SetString(PyExc_TypeError, "call_at() takes when and callback");
+        return NULL;
+    }
+    if (args[0] == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "when cannot be None");
+        return NULL;
+    }
+    return schedule_at(self, args[0], "call_at", args, nargs, kwnames);
+}
+
+static PyObject *LoopCore_call_later(LoopCore *self, PyObject *const *args, size_t nargsf,
+                                     PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (self->debug)
+        return call_base(base_call_later, self, args, nargsf, kwnames);
+    if (nargs < 2) {
+        PyErr_SetString(PyExc_TypeError, "call_later() takes delay and callback");
+        return NULL;
+    }
+    PyObject *delay = args[0];
+    if (delay == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "delay must not be None");
+        return NULL;
+    }
+    PyObject *when;
+    if (PyFloat_CheckExact(delay)) {
+        when = PyFloat_FromDouble(monotonic_now() + PyFloat_AS_DOUBLE(delay));
+    } else {
+        /* asyncio's `self.time() + delay`, with whatever that means for the type */
+        PyObject *now = PyFloat_FromDouble(monotonic_now());
+        when = now ? PyNumber_Add(now, delay) : NULL;
+        Py_XDECREF(now);
+    }
+    if (!when)
+        return NULL;
+    PyObject *h = schedule_at(self, when, "call_later", args, nargs, kwnames);
+    Py_DECREF(when);
+    return h;
+}
+
+static PyObject *LoopCore_time(LoopCore *self, PyObject *unused)
+{
+    return PyFloat_FromDouble(monotonic_now());
+}
+
+static PyObject *LoopCore__add_callback(LoopCore *self, PyObject *h)
+{
+    int c = handle_cancelled(h);
+    if (c < 0)
+        return NULL;
+    if (!c && ready_push(self, Py_NewRef(h)) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *LoopCore__timer_handle_cancelled(LoopCore *self, PyObject *h)
+{
+    if (PyObject_TypeCheck(h, TimerHandleType) && SLOT(h, off_scheduled) == Py_True)
+        self->timer_cancelled_count++;
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------ one iteration */
+
+/* Run one handle as Handle._run does (invariant 2). Returns -1 only for what must
+   leave _run_once (SystemExit, KeyboardInterrupt, or a failing exception handler). */
+static int handle_run(LoopCore *self, PyObject *h)
+{
+    PyObject *res;
+    if (self->debug) {
+        res = PyObject_CallMethodOneArg((PyObject *)self, str_run_handle_debug, h);
+        goto done;
+    }
+    PyObject *cb = handle_is_plain(h) ? SLOT(h, off_callback) : NULL;
+    PyObject *cb_args = cb ? SLOT(h, off_args) : NULL;
+    PyObject *ctx = cb ? SLOT(h, off_context) : NULL;
+    if (!cb || !cb_args || !PyTuple_CheckExact(cb_args) || !ctx || !PyContext_CheckExact(ctx)) {
+        /* a Handle subclass, or fields someone changed: asyncio's own _run */
+        res = PyObject_CallMethodNoArgs(h, str_run);
+        goto done;
+    }
+    /* the callback may cancel its own handle, which clears these slots */
+    Py_INCREF(cb);
+    Py_INCREF(cb_args);
+    Py_INCREF(ctx);
+    if (PyContext_Enter(ctx) < 0) {
+        res = NULL;
+    } else {
+        res = PyObject_Vectorcall(cb, &PyTuple_GET_ITEM(cb_args, 0), PyTuple_GET_SIZE(cb_args),
+                                  NULL);
+        if (PyContext_Exit(ctx) < 0)
+            Py_CLEAR(res);
+    }
+    Py_DECREF(cb);
+    Py_DECREF(cb_args);
+    Py_DECREF(ctx);
+    if (!res) {
+        if (PyErr_ExceptionMatches(PyExc_SystemExit) ||
+            PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+            return -1;
+        PyObject *exc = ul_fetch_exception();
+        PyObject *a[3] = {(PyObject *)self, h, exc};
+        res = PyObject_VectorcallMethod(str_handle_raised, a, 3, NULL);
+        Py_XDECREF(exc);
+    }
+done:
+    if (!res)
+        return -1;
+    Py_DECREF(res);
+    return 0;
+}
+
+static PyObject *LoopCore__run_once(LoopCore *self, PyObject *unused)
+{
+    if (!self->ring) {
+        PyErr_SetString(PyExc_RuntimeError, "the loop has no ring");
+        return NULL;
+    }
+    heap_drop_cancelled(self);
+
+    double timeout = -1.0; /* block until something completes */
+    if (self->rlen || self->stopping) {
+        timeout = 0;
+    } else if (self->nheap) {
+        timeout = self->heap[0].when - monotonic_now();
+        if (timeout > MAXIMUM_SELECT_TIMEOUT)
+            timeout = MAXIMUM_SELECT_TIMEOUT;
+        else if (timeout < 0)
+            timeout = 0;
+    }
+
+    PyObject *fired = ring_wait(self->ring, timeout);
+    if (!fired)
+        return NULL;
+    if (fired != Py_None) { /* readiness of add_reader/add_writer fds: asyncio's Handles */
+        PyObject *r = PyObject_CallMethodOneArg((PyObject *)self, str_ring_events, fired);
+        Py_DECREF(fired);
+        if (!r)
+            return NULL;
+        Py_DECREF(r);
+    } else {
+        Py_DECREF(fired);
+    }
+
+    /* timers due by now + clock_resolution: never early */
+    double end_time = monotonic_now() + self->clock_resolution;
+    while (self->nheap && self->heap[0].when < end_time) {
+        PyObject *h = heap_pop(self);
+        slot_set(h, off_scheduled, Py_False);
+        if (ready_push(self, h) < 0)
+            return NULL;
+    }
+
+    /* the handles ready now; those they schedule wait for the next iteration */
+    Py_ssize_t ntodo = self->rlen;
+    self->n_iterations++;
+    for (Py_ssize_t i = 0; i < ntodo && self->rlen; i++) {
+        PyObject *h = ready_pop(self);
+        int c = PyObject_TypeCheck(h, HandleType) ? SLOT(h, off_cancelled) == Py_True
+                                                  : handle_cancelled(h);
+        if (c == 0) {
+            self->n_handles++;
+            c = handle_run(self, h);
+        }
+        Py_DECREF(h);
+        if (c < 0)
+            return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* run_forever's inner loop: _run_once until stop() (asyncio's `while True:
+   self._run_once(); if self._stopping: break`). */
+static PyObject *LoopCore__run_until_stopped(LoopCore *self, PyObject *unused)
+{
+    for (;;) {
+        PyObject *r = LoopCore__run_once(self, NULL);
+        if (!r)
+            return NULL;
+        Py_DECREF(r);
+        if (self->stopping)
+            break;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *LoopCore__attach_ring(LoopCore *self, PyObject *ring)
+{
+    if (!Py_IS_TYPE(ring, &RingType)) {
+        PyErr_SetString(PyExc_TypeError, "_attach_ring() needs a Ring");
+        return NULL;
+    }
+    Py_XSETREF(self->ring, (Ring *)Py_NewRef(ring));
+    Py_RETURN_NONE;
+}
+
+static PyObject *LoopCore__clear_queues(LoopCore *self, PyObject *unused)
+{
+    ready_clear(self);
+    heap_clear(self);
+    self->timer_cancelled_count = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *LoopCore__core_stats(LoopCore *self, PyObject *unused)
+{
+    return Py_BuildValue("{s:K,s:K,s:n,s:n}", "iterations", self->n_iterations, "handles_run",
+                         self->n_handles, "ready", self->rlen, "timers", self->nheap);
+}
+
+/* ------------------------------------------------------------ _ready / _scheduled */
+/* BaseEventLoop's __init__ and close() assign and clear self._ready (a deque) and
+   self._scheduled (a heapq list); code outside asyncio (tests, introspection) reads
+   them. Both are views of the native queues with the operations asyncio uses. */
+
+typedef struct {
+    PyObject_HEAD
+    LoopCore *loop;
+    int timers; /* 0: the ready queue, 1: the timer heap */
+} QueueView;
+
+static PyTypeObject QueueViewType;
+
+static PyObject *view_item(QueueView *v, Py_ssize_t i)
+{
+    LoopCore *l = v->loop;
+    if (v->timers)
+        return Py_NewRef(l->heap[i].handle);
+    return Py_NewRef(l->ready[(l->rhead + i) & (l->rcap - 1)]);
+}
+
+static Py_ssize_t view_len(QueueView *v) { return v->timers ? v->loop->nheap : v->loop->rlen; }
+
+static PyObject *view_getitem(QueueView *v, Py_ssize_t i)
+{
+    Py_ssize_t n = view_len(v);
+    if (i < 0)
+        i += n;
+    if (i < 0 || i >= n) {
+        PyErr_SetString(PyExc_IndexError, "index out of range");
+        return NULL;
+    }
+    return view_item(v, i);
+}
+
+static PyObject *view_list(QueueView *v)
+{
+    Py_ssize_t n = view_len(v);
+    PyObject *list = PyList_New(n);
+    if (!list)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyList_SET_ITEM(list, i, view_item(v, i));
+    return list;
+}
+
+static PyObject *view_iter(QueueView *v)
+{
+    PyObject *list = view_list(v);
+    if (!list)
+        return NULL;
+    PyObject *it = PyObject_GetIter(list);
+    Py_DECREF(list);
+    return it;
+}
+
+static int view_add(QueueView *v, PyObject *h)
+{
+    if (!v->timers)
+        return ready_push(v->loop, Py_NewRef(h));
+    if (!PyObject_TypeCheck(h, TimerHandleType)) {
+        PyErr_SetString(PyExc_TypeError, "only asyncio.TimerHandle objects can be scheduled");
+        return -1;
+    }
+    double when = PyFloat_AsDouble(SLOT(h, off_when));
+    if (when == -1.0 && PyErr_Occurred())
+        return -1;
+    return heap_push(v->loop, h, when);
+}
+
+static PyObject *view_append(QueueView *v, PyObject *h)
+{
+    return view_add(v, h) < 0 ? NULL : Py_NewRef(Py_None);
+}
+
+static PyObject *view_popleft(QueueView *v, PyObject *unused)
+{
+    if (!view_len(v)) {
+        PyErr_SetString(PyExc_IndexError, "pop from an empty queue");
+        return NULL;
+    }
+    return v->timers ? heap_pop(v->loop) : ready_pop(v->loop);
+}
+
+static PyObject *view_clear(QueueView *v, PyObject *unused)
+{
+    if (v->timers) {
+        heap_clear(v->loop);
+        v->loop->timer_cancelled_count = 0;
+    } else {
+        ready_clear(v->loop);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *view_repr(QueueView *v)
+{
+    PyObject *list = view_list(v);
+    if (!list)
+        return NULL;
+    PyObject *r = PyUnicode_FromFormat("<uringloop %s %R>", v->timers ? "timers" : "ready", list);
+    Py_DECREF(list);
+    return r;
+}
+
+static int view_traverse(QueueView *v, visitproc visit, void *arg)
+{
+    Py_VISIT(v->loop);
+    return 0;
+}
+
+static void view_dealloc(QueueView *v)
+{
+    PyObject_GC_UnTrack(v);
+    Py_CLEAR(v->loop);
+    PyObject_GC_Del(v);
+}
+
+static PySequenceMethods view_as_sequence = {
+    .sq_length = (lenfunc)view_len,
+    .sq_item = (ssizeargfunc)view_getitem,
+};
+
+static PyMethodDef view_methods[] = {
+    {"append", (PyCFunction)view_append, METH_O, "queue a handle (the heap keeps its order)"},
+    {"popleft", (PyCFunction)view_popleft, METH_NOARGS, "take the first (earliest) handle"},
+    {"clear", (PyCFunction)view_clear, METH_NOARGS, "drop every handle"},
+    {NULL},
+};
+
+static PyTypeObject QueueViewType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "uringloop._dataplane.QueueView",
+    .tp_basicsize = sizeof(QueueView),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The loop's ready queue or timer heap, as asyncio's code uses them.",
+    .tp_dealloc = (destructor)view_dealloc,
+    .tp_traverse = (traverseproc)view_traverse,
+    .tp_repr = (reprfunc)view_repr,
+    .tp_as_sequence = &view_as_sequence,
+    .tp_iter = (getiterfunc)view_iter,
+    .tp_methods = view_methods,
+};
+
+static PyObject *view_new(LoopCore *self, int timers)
+{
+    QueueView *v = PyObject_GC_New(QueueView, &QueueViewType);
+    if (!v)
+        return NULL;
+    v->loop = (LoopCore *)Py_NewRef((PyObject *)self);
+    v->timers = timers;
+    PyObject_GC_Track(v);
+    return (PyObject *)v;
+}
+
+static PyObject *get_ready(LoopCore *self, void *c) { return view_new(self, 0); }
+static PyObject *get_scheduled(LoopCore *self, void *c) { return view_new(self, 1); }
+
+/* `self._ready = collections.deque()` and the like: the queue becomes what is given */
+static int set_queue(LoopCore *self, PyObject *value, int timers)
+{
+    if (!value) {
+        PyErr_SetString(PyExc_AttributeError, "the loop's queues cannot be deleted");
+        return -1;
+    }
+    PyObject *items = PySequence_List(value); /* before clearing: value may be a view */
+    if (!items)
+        return -1;
+    QueueView v = {.loop = self, .timers = timers};
+    if (timers) {
+        heap_clear(self);
+        self->timer_cancelled_count = 0;
+    } else {
+        ready_clear(self);
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
+        if (view_add(&v, PyList_GET_ITEM(items, i)) < 0) {
+            Py_DECREF(items);
+            return -1;
+        }
+    }
+    Py_DECREF(items);
+    return 0;
+}
+
+static int set_ready(LoopCore *self, PyObject *value, void *c) { return set_queue(self, value, 0); }
+static int set_scheduled(LoopCore *self, PyObject *value, void *c)
+{
+    return set_queue(self, value, 1);
+}
+
+static int set_flag(char *flag, PyObject *value)
+{
+    if (!value) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete the loop's state");
+        return -1;
+    }
+    int t = PyObject_IsTrue(value);
+    if (t < 0)
+        return -1;
+    *flag = (char)t;
+    return 0;
+}
+
+static PyObject *get_closed(LoopCore *self, void *c) { return PyBool_FromLong(self->closed); }
+static int set_closed(LoopCore *self, PyObject *v, void *c) { return set_flag(&self->closed, v); }
+static PyObject *get_stopping(LoopCore *self, void *c) { return PyBool_FromLong(self->stopping); }
+static int set_stopping(LoopCore *self, PyObject *v, void *c)
+{
+    return set_flag(&self->stopping, v);
+}
+static PyObject *get_debug(LoopCore *self, void *c)
+{
+    return Py_NewRef(self->debug_value ? self->debug_value : Py_False);
+}
+static int set_debug(LoopCore *self, PyObject *v, void *c)
+{
+    if (set_flag(&self->debug, v) < 0)
+        return -1;
+    Py_XSETREF(self->debug_value, Py_NewRef(v));
+    return 0;
+}
+
+static PyGetSetDef LoopCore_getset[] = {
+    {"_ready", (getter)get_ready, (setter)set_ready, "the ready queue (a view)"},
+    {"_scheduled", (getter)get_scheduled, (setter)set_scheduled, "the timer heap (a view)"},
+    {"_closed", (getter)get_closed, (setter)set_closed, NULL},
+    {"_stopping", (getter)get_stopping, (setter)set_stopping, NULL},
+    {"_debug", (getter)get_debug, (setter)set_debug, NULL},
+    {NULL},
+};
+
+static PyMemberDef LoopCore_members[] = {
+    {"_timer_cancelled_count", T_PYSSIZET, offsetof(LoopCore, timer_cancelled_count), 0, NULL},
+    {"_clock_resolution", T_DOUBLE, offsetof(LoopCore, clock_resolution), 0, NULL},
+    {NULL},
+};
+
+#define FASTKW (METH_FASTCALL | METH_KEYWORDS)
+static PyMethodDef LoopCore_methods[] = {
+    {"call_soon", (PyCFunction)(void (*)(void))LoopCore_call_soon, FASTKW,
+     "call_soon(callback, *args, context=None) -> asyncio.Handle"},
+    {"call_soon_threadsafe", (PyCFunction)(void (*)(void))LoopCore_call_soon_threadsafe, FASTKW,
+     "call_soon_threadsafe(callback, *args, context=None) -> asyncio.Handle"},
+    {"call_later", (PyCFunction)(void (*)(void))LoopCore_call_later, FASTKW,
+     "call_later(delay, callback, *args, context=None) -> asyncio.TimerHandle"},
+    {"call_at", (PyCFunction)(void (*)(void))LoopCore_call_at, FASTKW,
+     "call_at(when, callback, *args, context=None) -> asyncio.TimerHandle"},
+    {"_call_soon", (PyCFunction)(void (*)(void))LoopCore__call_soon, METH_FASTCALL, NULL},
+    {"time", (PyCFunction)LoopCore_time, METH_NOARGS, "the loop's clock (time.monotonic())"},
+    {"_add_callback", (PyCFunction)LoopCore__add_callback, METH_O, NULL},
+    {"_timer_handle_cancelled", (PyCFunction)LoopCore__timer_handle_cancelled, METH_O, NULL},
+    {"_run_once", (PyCFunction)LoopCore__run_once, METH_NOARGS,
+     "one iteration: wait for I/O or the next timer, run what is ready"},
+    {"_run_until_stopped", (PyCFunction)LoopCore__run_until_stopped, METH_NOARGS,
+     "_run_once() until stop()"},
+    {"_attach_ring", (PyCFunction)LoopCore__attach_ring, METH_O, NULL},
+    {"_clear_queues", (PyCFunction)LoopCore__clear_queues, METH_NOARGS, NULL},
+    {"_core_stats", (PyCFunction)LoopCore__core_stats, METH_NOARGS,
+     "iterations, handles run, and the queues' lengths"},
+    {NULL},
+};
+
+static PyObject *LoopCore_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    if (sched_init_globals() < 0)
+        return NULL;
+    LoopCore *self = (LoopCore *)type->tp_alloc(type, 0);
+    if (!self)
+        return NULL;
+    self->clock_resolution = 1e-9;
+    return (PyObject *)self;
+}
+
+static int LoopCore_traverse(LoopCore *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->ring); /* (subtype_traverse visits the heap type) */
+    Py_VISIT(self->debug_value);
+    for (Py_ssize_t i = 0; i < self->rlen; i++)
+        Py_VISIT(self->ready[(self->rhead + i) & (self->rcap - 1)]);
+    for (Py_ssize_t i = 0; i < self->nheap; i++)
+        Py_VISIT(self->heap[i].handle);
+    return 0;
+}
+
+static int LoopCore_clear(LoopCore *self)
+{
+    ready_clear(self);
+    heap_clear(self);
+    Py_CLEAR(self->ring);
+    Py_CLEAR(self->debug_value);
+    return 0;
+}
+
+static void LoopCore_dealloc(LoopCore *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    LoopCore_clear(self);
+    PyMem_Free(self->ready);
+    PyMem_Free(self->heap);
+    tp->tp_free((PyObject *)self); /* (subtype_dealloc drops the heap type's reference) */
+}
+
+PyTypeObject LoopCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "uringloop._dataplane.LoopCore",
+    .tp_basicsize = sizeof(LoopCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The native core of UringEventLoop: ready queue, timer heap, one iteration.",
+    .tp_new = LoopCore_new,
+    .tp_dealloc = (destructor)LoopCore_dealloc,
+    .tp_traverse = (traverseproc)LoopCore_traverse,
+    .tp_clear = (inquiry)LoopCore_clear,
+    .tp_methods = LoopCore_methods,
+    .tp_members = LoopCore_members,
+    .tp_getset = LoopCore_getset,
+};
+
+int sched_ready_types(void) { return PyType_Ready(&QueueViewType); }

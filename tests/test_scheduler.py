@@ -1,0 +1,603 @@
+"""The native loop core (native/sched.c) against asyncio's BaseEventLoop.
+
+Each behaviour that asyncio defines is run on asyncio's own loop and on uringloop
+and the two records must be equal: the order callbacks run in (FIFO, one batch per
+iteration, timer ties broken as heapq breaks them), what an exception in a callback
+becomes, what KeyboardInterrupt leaves queued, contexts, cancellation and the
+compaction of the timer heap, errors for bad arguments, debug mode. uvloop is
+compared where it agrees with asyncio (its handles are not asyncio's classes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import random
+import sys
+import threading
+import time
+from asyncio import events
+
+import pytest
+
+import uringloop
+
+FACTORIES = {"asyncio": asyncio.SelectorEventLoop, "uringloop": uringloop.new_event_loop}
+
+var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+
+
+def on_each_loop(scenario) -> dict[str, object]:
+    """scenario(loop) on a fresh loop of each kind; its results by loop name."""
+    results = {}
+    for name, factory in FACTORIES.items():
+        loop = factory()
+        try:
+            results[name] = scenario(loop)
+        finally:
+            loop.close()
+    return results
+
+
+def same_on_each_loop(scenario) -> object:
+    results = on_each_loop(scenario)
+    assert results["uringloop"] == results["asyncio"], results
+    return results["uringloop"]
+
+
+def run_iterations(loop: asyncio.AbstractEventLoop, n: int) -> None:
+    """n iterations of the loop, each with a stop() scheduled behind what is ready."""
+    for _ in range(n):
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+
+
+# ------------------------------------------------------------ the handles
+
+
+def test_handles_are_asyncios_classes():
+    loop = uringloop.new_event_loop()
+    try:
+        ctx = contextvars.copy_context()
+        h = loop.call_soon(print, 1, context=ctx)
+        assert type(h) is events.Handle and isinstance(h, asyncio.Handle)
+        t = loop.call_later(10, print, 2)
+        assert type(t) is events.TimerHandle and isinstance(t, asyncio.TimerHandle)
+        a = loop.call_at(loop.time() + 5, print)
+        assert type(a) is events.TimerHandle
+        assert abs(t.when() - (loop.time() + 10)) < 1
+        assert repr(h).startswith("<Handle print(")
+        assert repr(t).startswith("<TimerHandle when=") and "print(" in repr(t)
+        if sys.version_info >= (3, 12):
+            assert h.get_context() is ctx
+        assert h._loop is loop and h._args == (1,) and h._context is ctx
+        assert not h.cancelled()
+        h.cancel()
+        assert h.cancelled() and h._callback is None and h._args is None
+        t.cancel()
+        assert t.cancelled() and loop._timer_cancelled_count == 1
+        t.cancel()  # twice counts once
+        assert loop._timer_cancelled_count == 1
+    finally:
+        loop.close()
+
+
+def test_handle_fields_match_asyncios():
+    """Every slot of a fresh handle holds what asyncio's __init__ puts there."""
+
+    def scenario(loop):
+        ctx = contextvars.copy_context()
+        h = loop.call_soon(len, "ab", context=ctx)
+        t = loop.call_at(12345.5, len, "abc")
+        fields = ("_callback", "_args", "_cancelled", "_repr", "_source_traceback")
+        return (
+            repr(h).replace(hex(id(h)), ""),
+            repr(t),
+            [getattr(h, f) for f in fields],
+            h._context is ctx,
+            [getattr(t, f) for f in fields] + [t._when, t._scheduled],
+            type(t._context),
+        )
+
+    same_on_each_loop(scenario)
+
+
+# ------------------------------------------------------------ order
+
+
+def test_fifo_and_one_batch_per_iteration():
+    def scenario(loop):
+        log = []
+
+        def cb(tag, depth):
+            log.append((tag, depth))
+            if depth < 2:
+                loop.call_soon(cb, tag, depth + 1)
+
+        for tag in "abc":
+            loop.call_soon(cb, tag, 0)
+        for i in range(4):
+            run_iterations(loop, 1)
+            log.append(("iteration", i))
+        return log
+
+    log = same_on_each_loop(scenario)
+    assert log[:4] == [("a", 0), ("b", 0), ("c", 0), ("iteration", 0)]
+
+
+def test_timer_ties_fire_in_asyncios_order():
+    """Timers with equal `when` fire in heapq's order: the heap is heapq's algorithm."""
+
+    def scenario(loop):
+        log = []
+        rnd = random.Random(7)
+        base = loop.time() - 1  # all due at once
+        slots = [base + (i % 4) * 0.001 for i in range(60)]
+        rnd.shuffle(slots)
+        for i, when in enumerate(slots):
+            loop.call_at(when, log.append, (i, when - base))
+        for i in range(0, 60, 7):
+            loop.call_at(base + 0.002, log.append, ("late", i))
+        run_iterations(loop, 2)
+        return log
+
+    log = same_on_each_loop(scenario)
+    assert len(log) == 69
+
+
+def test_stop_inside_a_batch_finishes_the_batch():
+    def scenario(loop):
+        log = []
+        loop.call_soon(log.append, 1)
+        loop.call_soon(loop.stop)
+        loop.call_soon(log.append, 2)
+        loop.call_soon(lambda: loop.call_soon(log.append, "next iteration"))
+        loop.run_forever()
+        log.append("stopped")
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+        return log
+
+    assert same_on_each_loop(scenario) == [1, 2, "stopped", "next iteration"]
+
+
+def test_a_handle_cancelled_earlier_in_its_batch_does_not_run():
+    def scenario(loop):
+        log = []
+        later = []
+        loop.call_soon(lambda: later[0].cancel())
+        later.append(loop.call_soon(log.append, "must not run"))
+        loop.call_soon(log.append, "runs")
+        run_iterations(loop, 1)
+        return log
+
+    assert same_on_each_loop(scenario) == ["runs"]
+
+
+def test_timers_never_fire_early():
+    loop = uringloop.new_event_loop()
+    try:
+        late = []
+
+        def fired(handle_box, when):
+            late.append(time.monotonic() - when)
+
+        for delay in (0.001, 0.005, 0.01, 0.02, 0.0):
+            box: list = []
+            h = loop.call_later(delay, fired, box, 0)
+            # the check uses the handle's own deadline
+            h._args = (box, h.when())
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert len(late) == 5
+        assert min(late) >= -loop._clock_resolution, late
+    finally:
+        loop.close()
+
+
+# ------------------------------------------------------------ cancelled timers
+
+
+def test_cancelled_timers_compacted_by_asyncios_rule():
+    def scenario(loop):
+        handles = [loop.call_later(3600 + i, print) for i in range(1000)]
+        for h in handles[:900]:
+            h.cancel()
+        before = (len(loop._scheduled), loop._timer_cancelled_count)
+        run_iterations(loop, 1)
+        after = (len(loop._scheduled), loop._timer_cancelled_count)
+        flags = sum(h._scheduled for h in handles)
+        # fewer than half cancelled: only the top of the heap is trimmed
+        for h in handles[900:940]:
+            h.cancel()
+        run_iterations(loop, 1)
+        return before, after, flags, (len(loop._scheduled), loop._timer_cancelled_count)
+
+    assert same_on_each_loop(scenario) == ((1000, 900), (100, 0), 100, (60, 0))
+
+
+def test_a_flood_of_cancelled_timers_stays_bounded():
+    loop = uringloop.new_event_loop()
+    try:
+        keep = [loop.call_later(3600, print) for _ in range(150)]
+        biggest = 0
+        for _ in range(200):
+            for _ in range(500):
+                loop.call_later(3600, print).cancel()
+            run_iterations(loop, 1)
+            biggest = max(biggest, len(loop._scheduled))
+        assert biggest <= 150 + 500, biggest
+        assert len(loop._scheduled) <= 2 * len(keep) + 1
+        assert all(h._scheduled for h in keep)
+    finally:
+        loop.close()
+
+
+# ------------------------------------------------------------ exceptions
+
+
+def test_exception_in_callback_reaches_the_handler():
+    def scenario(loop):
+        got = []
+        loop.set_exception_handler(lambda lp, ctx: got.append(ctx))
+
+        def boom(x):
+            raise ValueError(x)
+
+        h = loop.call_soon(boom, 42)
+        loop.call_soon(loop.call_soon, loop.stop)
+        loop.run_forever()
+        (ctx,) = got
+        return sorted(ctx), ctx["message"], repr(ctx["exception"]), ctx["handle"] is h
+
+    keys, message, exc, same_handle = same_on_each_loop(scenario)
+    assert keys == ["exception", "handle", "message"] and same_handle
+    assert message.startswith("Exception in callback ") and exc == "ValueError(42)"
+
+
+def test_cancelled_error_from_a_callback_is_reported_too():
+    def scenario(loop):
+        got = []
+        loop.set_exception_handler(lambda lp, ctx: got.append(type(ctx["exception"]).__name__))
+
+        def cancel():
+            raise asyncio.CancelledError
+
+        loop.call_soon(cancel)
+        run_iterations(loop, 1)
+        return got
+
+    assert same_on_each_loop(scenario) == ["CancelledError"]
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit])
+def test_keyboard_interrupt_leaves_the_rest_of_the_batch_queued(exc):
+    def scenario(loop):
+        log = []
+
+        def interrupt():
+            raise exc
+
+        loop.call_soon(log.append, "a")
+        loop.call_soon(interrupt)
+        loop.call_soon(log.append, "c")
+        try:
+            loop.run_forever()
+        except exc:
+            log.append("raised")
+        log.append(len(loop._ready))
+        run_iterations(loop, 1)
+        return log
+
+    assert same_on_each_loop(scenario) == ["a", "raised", 1, "c"]
+
+
+# ------------------------------------------------------------ contexts
+
+
+def test_callbacks_run_in_their_context():
+    def scenario(loop):
+        log = []
+        var.set("at call_soon")
+        loop.call_soon(lambda: log.append(var.get()))
+        var.set("after call_soon")  # the handle's copy was taken already
+        ctx = contextvars.copy_context()
+        ctx.run(var.set, "explicit")
+        loop.call_soon(lambda: (log.append(var.get()), var.set("changed inside")), context=ctx)
+        loop.call_soon(lambda: log.append(ctx[var]), context=ctx)
+        loop.call_later(0, lambda: log.append(var.get()), context=ctx)
+        run_iterations(loop, 2)
+        log.append(var.get())
+        return log
+
+    result = contextvars.copy_context().run(same_on_each_loop, scenario)
+    assert result == [
+        "at call_soon",
+        "explicit",
+        "changed inside",
+        "changed inside",
+        "after call_soon",
+    ]
+
+
+def test_a_context_already_entered_is_reported_like_context_run():
+    def scenario(loop):
+        got = []
+        loop.set_exception_handler(
+            lambda lp, c: got.append(
+                (type(c["exception"]), "already entered" in str(c["exception"]))
+            )
+        )
+        ctx = contextvars.copy_context()
+        ctx.run(lambda: (loop.call_soon(print, context=ctx), run_iterations(loop, 1)))
+        return got
+
+    # (3.13's call_exception_handler runs the handler in the handle's context, which
+    # fails the same way: then both loops log it instead)
+    same_on_each_loop(scenario)
+
+
+# ------------------------------------------------------------ bad input
+
+
+def test_bad_arguments_raise_what_asyncio_raises():
+    def scenario(loop):
+        out = []
+        for call in (
+            lambda: loop.call_later(None, print),
+            lambda: loop.call_at(None, print),
+            lambda: loop.call_soon(print, contxt=None),
+            lambda: loop.call_later("x", print),
+        ):
+            try:
+                call()
+                out.append("ok")
+            except Exception as e:  # noqa: BLE001 - the type is what is compared
+                out.append(type(e).__name__)
+        loop.close()
+        for call in (
+            lambda: loop.call_soon(print),
+            lambda: loop.call_soon_threadsafe(print),
+            lambda: loop.call_later(1, print),
+            lambda: loop.call_at(1, print),
+        ):
+            try:
+                call()
+            except RuntimeError as e:
+                out.append(str(e))
+        return out
+
+    assert same_on_each_loop(scenario) == [
+        "TypeError",
+        "TypeError",
+        "TypeError",
+        "TypeError",
+        *["Event loop is closed"] * 4,
+    ]
+
+
+def test_delay_messages_match():
+    def scenario(loop):
+        out = []
+        for call in (lambda: loop.call_later(None, print), lambda: loop.call_at(None, print)):
+            try:
+                call()
+            except TypeError as e:
+                out.append(str(e))
+        return out
+
+    assert same_on_each_loop(scenario) == ["delay must not be None", "when cannot be None"]
+
+
+# ------------------------------------------------------------ threads and idling
+
+
+def test_call_soon_threadsafe_wakes_a_loop_blocked_in_the_kernel():
+    loop = uringloop.new_event_loop()
+    try:
+        loop.call_later(3600, print)  # the loop would sleep for an hour
+        woke = []
+
+        def from_thread():
+            time.sleep(0.2)
+            woke.append(time.monotonic())
+            loop.call_soon_threadsafe(loop.stop)
+
+        t = threading.Thread(target=from_thread)
+        t.start()
+        loop.run_forever()
+        stopped = time.monotonic()
+        t.join()
+        assert stopped - woke[0] < 0.1
+    finally:
+        loop.close()
+
+
+def test_an_idle_loop_uses_no_cpu():
+    loop = uringloop.new_event_loop()
+    try:
+        t0 = time.thread_time()
+        loop.run_until_complete(asyncio.sleep(0.5))
+        used = time.thread_time() - t0
+        iterations = loop._core_stats()["iterations"]
+        assert used < 0.05 and iterations < 10, (used, iterations)
+    finally:
+        loop.close()
+
+
+# ------------------------------------------------------------ debug mode
+
+
+def test_debug_mode_slow_callback_warning(caplog):
+    loop = uringloop.new_event_loop()
+    try:
+        loop.set_debug(True)
+        loop.slow_callback_duration = 0.01
+        loop.call_soon(time.sleep, 0.03)
+        with caplog.at_level(logging.WARNING, logger="asyncio"):
+            run_iterations(loop, 1)
+        (record,) = [r for r in caplog.records if "took" in r.getMessage()]
+        assert record.getMessage().startswith("Executing <Handle sleep(0.03)")
+    finally:
+        loop.close()
+
+
+def test_debug_mode_records_where_handles_were_made():
+    def scenario(loop):
+        loop.set_debug(True)
+        h = loop.call_soon(print)
+        t = loop.call_later(10, print)
+        a = loop.call_at(loop.time() + 10, print)
+        s = loop.call_soon_threadsafe(print)
+        frames = [x._source_traceback[-1] for x in (h, t, a, s)]
+        return [(f.name, f.line) for f in frames], "created at" in repr(h)
+
+    frames, created_at = same_on_each_loop(scenario)
+    assert created_at and [name for name, _ in frames] == ["scenario"] * 4
+
+
+def test_debug_mode_checks_the_thread():
+    def scenario(loop):
+        loop.set_debug(True)
+        errors = []
+
+        def other_thread():
+            try:
+                loop.call_soon(print)
+            except RuntimeError as e:
+                errors.append(str(e))
+
+        def in_loop():
+            t = threading.Thread(target=other_thread)
+            t.start()
+            t.join()
+
+        loop.call_soon(in_loop)
+        run_iterations(loop, 1)
+        return errors
+
+    (message,) = same_on_each_loop(scenario)
+    assert "thread" in message
+
+
+def test_set_debug_switches_paths_both_ways():
+    loop = uringloop.new_event_loop()
+    try:
+        log = []
+        loop.set_debug(True)
+        loop.call_soon(log.append, 1)
+        loop.set_debug(False)
+        h = loop.call_soon(log.append, 2)
+        assert h._source_traceback is None
+        run_iterations(loop, 1)
+        assert log == [1, 2] and loop.get_debug() is False
+    finally:
+        loop.close()
+
+
+# ------------------------------------------------------------ subclasses and views
+
+
+def test_a_subclass_override_of_call_soon_is_used_by_futures():
+    calls = []
+
+    class Counting(uringloop.UringEventLoop):
+        def call_soon(self, callback, *args, context=None):
+            calls.append(callback)
+            return super().call_soon(callback, *args, context=context)
+
+    loop = Counting()
+    try:
+
+        async def main():
+            fut = loop.create_future()
+            loop.call_later(0.001, fut.set_result, 5)
+            return await fut
+
+        assert loop.run_until_complete(main()) == 5
+        assert calls  # the task's wake-ups went through the override
+    finally:
+        loop.close()
+
+
+def test_a_subclass_override_of_run_once_is_used():
+    class Counting(uringloop.UringEventLoop):
+        iterations = 0
+
+        def _run_once(self):
+            Counting.iterations += 1
+            super()._run_once()
+
+    loop = Counting()
+    try:
+        loop.run_until_complete(asyncio.sleep(0))
+        assert Counting.iterations >= 2
+    finally:
+        loop.close()
+
+
+def test_ready_and_scheduled_views():
+    loop = uringloop.new_event_loop()
+    try:
+        a = loop.call_soon(print)
+        b = loop.call_soon(len, "")
+        t2 = loop.call_later(20, print)
+        t1 = loop.call_later(10, print)
+        assert len(loop._ready) == 2 and list(loop._ready) == [a, b] and loop._ready[0] is a
+        assert loop._scheduled[0] is t1 and sorted(loop._scheduled, key=id) == sorted(
+            [t1, t2], key=id
+        )
+        assert bool(loop._ready)
+        loop._ready.clear()
+        assert len(loop._ready) == 0 and not loop._ready
+        with pytest.raises(IndexError):
+            loop._ready[0]
+        h = events.Handle(print, (), loop, None)
+        loop._add_callback(h)
+        assert list(loop._ready) == [h]
+        h.cancel()
+        loop._add_callback(h)  # cancelled handles are not queued
+        assert len(loop._ready) == 1
+    finally:
+        loop.close()
+    assert len(loop._ready) == 0 and len(loop._scheduled) == 0
+
+
+def test_foreign_handle_objects_run_through_their_own_run():
+    loop = uringloop.new_event_loop()
+    try:
+        log = []
+
+        class MyHandle(events.Handle):
+            def _run(self):
+                log.append("own _run")
+                super()._run()
+
+        loop._add_callback(MyHandle(log.append, ("callback",), loop, None))
+        run_iterations(loop, 1)
+        assert log == ["own _run", "callback"]
+    finally:
+        loop.close()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager_task_factory is 3.12+")
+def test_eager_tasks():
+    def scenario(loop):
+        loop.set_task_factory(asyncio.eager_task_factory)
+        log = []
+
+        async def leaf(i):
+            log.append(("start", i))
+            if i % 2:
+                await asyncio.sleep(0)
+            log.append(("end", i))
+            return i
+
+        async def main():
+            tasks = [asyncio.ensure_future(leaf(i)) for i in range(4)]
+            log.append("created")
+            return await asyncio.gather(*tasks)
+
+        return loop.run_until_complete(main()), log
+
+    same_on_each_loop(scenario)
