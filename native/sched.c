@@ -180,6 +180,48 @@ static int handle_cancelled(PyObject *h)
     return t;
 }
 
+/* Handles that ran and that nobody else references (not even weakly) are kept for
+   the next call_soon/call_at instead of being freed, as CPython keeps floats and
+   frames: a handle is the one allocation every callback costs. A kept handle is
+   untracked by the GC and all its slots are empty. */
+#define HANDLE_FREELIST 256
+static PyObject *free_handles[2][HANDLE_FREELIST];
+static int nfree_handles[2];
+
+static const Py_ssize_t *handle_slots(int timer, int *n)
+{
+    static Py_ssize_t offs[9];
+    offs[0] = off_callback, offs[1] = off_args, offs[2] = off_cancelled, offs[3] = off_loop;
+    offs[4] = off_source_traceback, offs[5] = off_repr, offs[6] = off_context;
+    offs[7] = off_when, offs[8] = off_scheduled;
+    *n = timer ? 9 : 7;
+    return offs;
+}
+
+/* Drop the iteration's reference to a handle that ran (or was skipped). */
+static void handle_release(PyObject *h)
+{
+    int timer = Py_IS_TYPE(h, TimerHandleType);
+    if (Py_REFCNT(h) != 1 || !(timer || Py_IS_TYPE(h, HandleType)) ||
+        nfree_handles[timer] == HANDLE_FREELIST ||
+        (Py_TYPE(h)->tp_weaklistoffset &&
+         *(PyObject **)((char *)h + Py_TYPE(h)->tp_weaklistoffset))) {
+        Py_DECREF(h);
+        return;
+    }
+    PyObject_GC_UnTrack(h);
+    int n;
+    const Py_ssize_t *offs = handle_slots(timer, &n);
+    for (int i = 0; i < n; i++) /* may run finalizers: h is still ours alone */
+        Py_CLEAR(SLOT(h, offs[i]));
+    if (Py_REFCNT(h) != 1 || nfree_handles[timer] == HANDLE_FREELIST) {
+        PyObject_GC_Track(h); /* a finalizer resurrected it, or filled the list */
+        Py_DECREF(h);
+        return;
+    }
+    free_handles[timer][nfree_handles[timer]++] = h;
+}
+
 /* A new Handle (or TimerHandle when `when` is given) with asyncio's fields, without
    running its __init__ (invariant 1). Steals nothing. */
 static PyObject *handle_new(LoopCore *self, PyTypeObject *type, PyObject *callback,
@@ -188,8 +230,12 @@ static PyObject *handle_new(LoopCore *self, PyTypeObject *type, PyObject *callba
     PyObject *ctx = context && context != Py_None ? Py_NewRef(context) : PyContext_CopyCurrent();
     if (!ctx)
         return NULL;
-    PyObject *h = type->tp_alloc(type, 0);
-    if (!h) {
+    int timer = type == TimerHandleType;
+    PyObject *h;
+    if (nfree_handles[timer]) {
+        h = free_handles[timer][--nfree_handles[timer]];
+        PyObject_GC_Track(h);
+    } else if (!(h = type->tp_alloc(type, 0))) {
         Py_DECREF(ctx);
         return NULL;
     }
@@ -700,7 +746,7 @@ static PyObject *LoopCore__run_once(LoopCore *self, PyObject *unused)
             self->n_handles++;
             c = handle_run(self, h);
         }
-        Py_DECREF(h);
+        handle_release(h);
         if (c < 0)
             return NULL;
     }
