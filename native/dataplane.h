@@ -312,10 +312,12 @@ struct io_uring_sqe *ring_sqe(Ring *r);
 int ring_enable(Ring *r);
 /* One loop iteration's I/O: flush queued writes, submit everything prepared, wait up
    to timeout seconds (< 0: until something completes) in one io_uring_enter, reap and
-   dispatch the completions. Returns the fired polls as a list of (fd, revents), or
-   None when there are none; NULL with an exception (a callback's KeyboardInterrupt or
-   SystemExit, a forked child, a ring error). */
-PyObject *ring_wait(Ring *r, double timeout);
+   dispatch the completions. When *ready (the loop's ready-queue length, or NULL) is
+   non-zero after the write flush, whose callbacks may schedule, it does not sleep.
+   Returns the fired polls as a list of (fd, revents), or None when there are none;
+   NULL with an exception (a callback's KeyboardInterrupt or SystemExit, a forked
+   child, a ring error). */
+PyObject *ring_wait(Ring *r, double timeout, const Py_ssize_t *ready);
 
 ul_op *op_lookup(Ring *r, uint64_t key);
 ul_op *op_alloc(Ring *r, enum ul_kind kind);

@@ -646,7 +646,7 @@ static int ring_nothing_to_enter_for(Ring *r)
     return !(sq_flags & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW));
 }
 
-PyObject *ring_wait(Ring *r, double timeout)
+PyObject *ring_wait(Ring *r, double timeout, const Py_ssize_t *ready)
 {
     struct __kernel_timespec ts, *tsp = NULL;
     struct io_uring_cqe *cqe;
@@ -670,6 +670,8 @@ PyObject *ring_wait(Ring *r, double timeout)
         return ring_take_escaping(r);
     if (!ring_live(r)) /* a flush callback forked: the child stops here (rule 4) */
         return NULL;
+    if (ready && *ready) /* flush callbacks scheduled work: do not sleep on it */
+        timeout = 0, tsp = NULL;
 
     if (ul_fault(UL_FAULT_SUBMIT)) {
         ret = -EAGAIN; /* nothing submitted: everything prepared goes next time */
@@ -736,10 +738,10 @@ static PyObject *Ring_wait(Ring *r, PyObject *arg)
         timeout = PyFloat_AsDouble(arg);
         if (timeout == -1.0 && PyErr_Occurred())
             return NULL;
-        if (timeout < 0)
+        if (!(timeout >= 0)) /* negative, or NaN */
             timeout = 0;
     }
-    return ring_wait(r, timeout);
+    return ring_wait(r, timeout, NULL);
 }
 
 static double now_monotonic(void)

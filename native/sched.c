@@ -63,6 +63,9 @@ typedef struct LoopCore {
     double clock_resolution;
     char closed, stopping, debug;
     PyObject *debug_value; /* what _debug was set to, returned as is */
+    unsigned int hooks_tag;  /* the type's tp_version_tag when type_hooks was computed */
+    unsigned type_hooks;     /* HOOK_* replaced by the loop's class */
+    unsigned instance_hooks; /* HOOK_* assigned on the instance */
     unsigned long long n_iterations, n_handles;
 } LoopCore;
 
@@ -75,6 +78,11 @@ static PyObject *base_call_soon, *base_call_soon_threadsafe, *base_call_later;
 static PyObject *str_call_at_debug, *str_run_handle_debug, *str_handle_raised, *str_ring_events, *str_write_to_self,
     *str_run, *str_cancelled_attr, *str_context_kw;
 static PyObject *empty_tuple;
+/* per-iteration methods that code may replace (see "hooks" below) */
+enum { HOOK_TIME = 1, HOOK_CALL_AT = 2, HOOK_CALL_SOON = 4, HOOK_RUN = 8 };
+static PyObject *str_time, *str_call_at, *str_call_soon_private;
+static PyObject *core_time, *core_call_at, *core_call_soon_private; /* LoopCore's descriptors */
+static PyObject *handle_run_func;                                    /* asyncio's Handle._run */
 
 #define SLOT(o, off) (*(PyObject **)((char *)(o) + (off)))
 
@@ -140,6 +148,22 @@ static int sched_init_globals(void)
         goto fail;
     if (!(empty_tuple = PyTuple_New(0)))
         goto fail;
+    if (intern_name(&str_time, "time") || intern_name(&str_call_at, "call_at") ||
+        intern_name(&str_call_soon_private, "_call_soon"))
+        goto fail;
+    core_time = PyDict_GetItemWithError(LoopCoreType.tp_dict, str_time);
+    core_call_at = PyDict_GetItemWithError(LoopCoreType.tp_dict, str_call_at);
+    core_call_soon_private = PyDict_GetItemWithError(LoopCoreType.tp_dict, str_call_soon_private);
+    handle_run_func = PyDict_GetItemWithError(ht->tp_dict, str_run);
+    if (!core_time || !core_call_at || !core_call_soon_private || !handle_run_func) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "uringloop: a scheduler method is missing");
+        goto fail;
+    }
+    Py_INCREF(core_time);
+    Py_INCREF(core_call_at);
+    Py_INCREF(core_call_soon_private);
+    Py_INCREF(handle_run_func);
     Py_DECREF(bel);
     HandleType = ht;
     TimerHandleType = tht;
@@ -386,19 +410,20 @@ static void heap_drop_cancelled(LoopCore *self)
         Py_ssize_t kept = 0, ndropped = 0;
         for (Py_ssize_t i = 0; i < n; i++) {
             PyObject *h = self->heap[i].handle;
-            if (timer_cancelled(h)) {
-                slot_set(h, off_scheduled, Py_False);
+            if (timer_cancelled(h))
                 dropped[ndropped++] = h;
-            } else {
+            else
                 self->heap[kept++] = self->heap[i];
-            }
         }
         self->nheap = kept;
         for (Py_ssize_t i = kept / 2 - 1; i >= 0; i--)
             heap_siftup(self->heap, kept, i);
         self->timer_cancelled_count = 0;
-        for (Py_ssize_t i = 0; i < ndropped; i++)
+        /* only now, with the heap whole again: these may run finalizers */
+        for (Py_ssize_t i = 0; i < ndropped; i++) {
+            slot_set(dropped[i], off_scheduled, Py_False);
             Py_DECREF(dropped[i]);
+        }
         PyMem_Free(dropped);
         return;
     }
@@ -422,35 +447,121 @@ static int check_open(LoopCore *self)
     return 0;
 }
 
-/* (callback, *args, context=None) of a METH_FASTCALL|METH_KEYWORDS method, after
-   `skip` leading positionals. */
-static int parse_callback_args(const char *fname, PyObject *const *args, Py_ssize_t nargs,
-                               PyObject *kwnames, Py_ssize_t skip, PyObject **callback,
-                               PyObject **cb_args, PyObject **context)
+/* ------------------------------------------------------------ hooks */
+/* Code that replaces a per-iteration method (a subclass, a test's virtual clock that
+   patches loop.time, a profiler that patches Handle._run) gets what asyncio would do
+   with it: the C paths check, per call, whether any of these is replaced and then go
+   through asyncio's Python, which calls the replacement. Checking is cheap because a
+   type's tp_version_tag changes whenever the type (or a base) is modified; assigning
+   one of the names on the loop instance is seen by LoopCore_setattro. */
+static unsigned int handle_run_tag;
+static int handle_run_patched;
+
+static int hook_replaced(PyTypeObject *type, PyObject *name, PyObject *ours)
+{
+    PyObject *found = PyObject_GetAttr((PyObject *)type, name);
+    if (!found) {
+        PyErr_Clear();
+        return 1;
+    }
+    int replaced = found != ours;
+    Py_DECREF(found);
+    return replaced;
+}
+
+static unsigned loop_hooks(LoopCore *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    if (!type->tp_version_tag || type->tp_version_tag != self->hooks_tag) {
+        unsigned hooks = 0;
+        if (hook_replaced(type, str_time, core_time))
+            hooks |= HOOK_TIME;
+        if (hook_replaced(type, str_call_at, core_call_at))
+            hooks |= HOOK_CALL_AT;
+        if (hook_replaced(type, str_call_soon_private, core_call_soon_private))
+            hooks |= HOOK_CALL_SOON;
+        self->type_hooks = hooks;
+        self->hooks_tag = type->tp_version_tag; /* (assigned by the lookups above) */
+    }
+    if (!HandleType->tp_version_tag || HandleType->tp_version_tag != handle_run_tag) {
+        handle_run_patched = hook_replaced(HandleType, str_run, handle_run_func);
+        handle_run_tag = HandleType->tp_version_tag;
+    }
+    return self->type_hooks | self->instance_hooks | (handle_run_patched ? HOOK_RUN : 0);
+}
+
+static int LoopCore_setattro(LoopCore *self, PyObject *name, PyObject *value)
+{
+    if (name == str_time)
+        self->instance_hooks |= HOOK_TIME;
+    else if (name == str_call_at)
+        self->instance_hooks |= HOOK_CALL_AT;
+    else if (name == str_call_soon_private)
+        self->instance_hooks |= HOOK_CALL_SOON;
+    return PyObject_GenericSetAttr((PyObject *)self, name, value);
+}
+
+/* The loop's clock: time.monotonic(), or the time() that replaced ours. */
+static int loop_now(LoopCore *self, unsigned hooks, double *now)
+{
+    if (!(hooks & HOOK_TIME)) {
+        *now = monotonic_now();
+        return 0;
+    }
+    PyObject *t = PyObject_CallMethodNoArgs((PyObject *)self, str_time);
+    if (!t)
+        return -1;
+    *now = PyFloat_AsDouble(t);
+    Py_DECREF(t);
+    return *now == -1.0 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* ------------------------------------------------------------ argument binding */
+
+/* Binds (name_0, ..., name_{n-1}, *args, context=None), as the Python signatures of
+   call_soon/call_later/call_at do: the named parameters positionally or by keyword,
+   the rest positionally into *cb_args (a new tuple). */
+static int bind_callback_args(const char *fname, const char *const *names, int nnames,
+                              PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                              PyObject **bound, PyObject **cb_args, PyObject **context)
 {
     *context = NULL;
+    for (int i = 0; i < nnames; i++)
+        bound[i] = i < nargs ? args[i] : NULL;
     if (kwnames) {
         Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
-        for (Py_ssize_t i = 0; i < nkw; i++) {
-            PyObject *name = PyTuple_GET_ITEM(kwnames, i);
-            if (name != str_context_kw && !PyUnicode_Check(name)) {
-                PyErr_Format(PyExc_TypeError, "%s() keywords must be strings", fname);
-                return -1;
+        for (Py_ssize_t k = 0; k < nkw; k++) {
+            PyObject *name = PyTuple_GET_ITEM(kwnames, k), *value = args[nargs + k];
+            if (name == str_context_kw ||
+                (PyUnicode_Check(name) && PyUnicode_Compare(name, str_context_kw) == 0)) {
+                *context = value;
+                continue;
             }
-            if (name != str_context_kw && PyUnicode_Compare(name, str_context_kw) != 0) {
-                PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%U'",
+            int i = 0;
+            while (i < nnames && !(PyUnicode_Check(name) &&
+                                   PyUnicode_CompareWithASCIIString(name, names[i]) == 0))
+                i++;
+            if (i == nnames) {
+                PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%S'",
                              fname, name);
                 return -1;
             }
-            *context = args[nargs + i];
+            if (bound[i]) {
+                PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'",
+                             fname, names[i]);
+                return -1;
+            }
+            bound[i] = value;
         }
     }
-    if (nargs < skip + 1) {
-        PyErr_Format(PyExc_TypeError, "%s() missing required positional argument", fname);
-        return -1;
+    for (int i = 0; i < nnames; i++) {
+        if (!bound[i]) {
+            PyErr_Format(PyExc_TypeError, "%s() missing required positional argument: '%s'",
+                         fname, names[i]);
+            return -1;
+        }
     }
-    *callback = args[skip];
-    Py_ssize_t n = nargs - skip - 1;
+    Py_ssize_t n = nargs > nnames ? nargs - nnames : 0;
     if (n == 0) {
         *cb_args = Py_NewRef(empty_tuple);
     } else {
@@ -458,13 +569,17 @@ static int parse_callback_args(const char *fname, PyObject *const *args, Py_ssiz
         if (!t)
             return -1;
         for (Py_ssize_t i = 0; i < n; i++)
-            PyTuple_SET_ITEM(t, i, Py_NewRef(args[skip + 1 + i]));
+            PyTuple_SET_ITEM(t, i, Py_NewRef(args[nnames + i]));
         *cb_args = t;
     }
     return 0;
 }
 
-/* Debug mode: BaseEventLoop's own method (invariant 3). */
+static const char *const soon_names[] = {"callback"};
+static const char *const later_names[] = {"delay", "callback"};
+static const char *const at_names[] = {"when", "callback"};
+
+/* BaseEventLoop's own method (debug mode, replaced hooks: invariant 3). */
 static PyObject *call_base(PyObject *func, LoopCore *self, PyObject *const *args, size_t nargsf,
                            PyObject *kwnames)
 {
@@ -488,7 +603,8 @@ static PyObject *schedule_soon(LoopCore *self, const char *fname, PyObject *cons
     PyObject *callback, *cb_args, *context;
     if (check_open(self) < 0)
         return NULL;
-    if (parse_callback_args(fname, args, nargs, kwnames, 0, &callback, &cb_args, &context) < 0)
+    if (bind_callback_args(fname, soon_names, 1, args, nargs, kwnames, &callback, &cb_args,
+                           &context) < 0)
         return NULL;
     PyObject *h = handle_new(self, HandleType, callback, cb_args, context, NULL);
     Py_DECREF(cb_args);
@@ -502,7 +618,7 @@ static PyObject *schedule_soon(LoopCore *self, const char *fname, PyObject *cons
 static PyObject *LoopCore_call_soon(LoopCore *self, PyObject *const *args, size_t nargsf,
                                     PyObject *kwnames)
 {
-    if (self->debug)
+    if (self->debug || (loop_hooks(self) & HOOK_CALL_SOON))
         return call_base(base_call_soon, self, args, nargsf, kwnames);
     return schedule_soon(self, "call_soon", args, PyVectorcall_NARGS(nargsf), kwnames);
 }
@@ -510,7 +626,7 @@ static PyObject *LoopCore_call_soon(LoopCore *self, PyObject *const *args, size_
 static PyObject *LoopCore_call_soon_threadsafe(LoopCore *self, PyObject *const *args,
                                                size_t nargsf, PyObject *kwnames)
 {
-    if (self->debug)
+    if (self->debug || (loop_hooks(self) & HOOK_CALL_SOON))
         return call_base(base_call_soon_threadsafe, self, args, nargsf, kwnames);
     PyObject *h =
         schedule_soon(self, "call_soon_threadsafe", args, PyVectorcall_NARGS(nargsf), kwnames);
@@ -547,19 +663,16 @@ static PyObject *LoopCore__call_soon(LoopCore *self, PyObject *const *args, Py_s
     return h;
 }
 
-static PyObject *schedule_at(LoopCore *self, PyObject *when_obj, const char *fname,
-                             PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+/* A timer at when_obj; the caller bound callback, cb_args and context. */
+static PyObject *schedule_at(LoopCore *self, PyObject *when_obj, PyObject *callback,
+                             PyObject *cb_args, PyObject *context)
 {
-    PyObject *callback, *cb_args, *context;
     double when = PyFloat_AsDouble(when_obj);
     if (when == -1.0 && PyErr_Occurred())
         return NULL;
     if (check_open(self) < 0)
         return NULL;
-    if (parse_callback_args(fname, args, nargs, kwnames, 1, &callback, &cb_args, &context) < 0)
-        return NULL;
     PyObject *h = handle_new(self, TimerHandleType, callback, cb_args, context, when_obj);
-    Py_DECREF(cb_args);
     if (!h)
         return NULL;
     if (heap_push(self, h, when) < 0) {
@@ -573,41 +686,38 @@ static PyObject *schedule_at(LoopCore *self, PyObject *when_obj, const char *fna
 static PyObject *LoopCore_call_at(LoopCore *self, PyObject *const *args, size_t nargsf,
                                   PyObject *kwnames)
 {
-    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (self->debug) { /* BaseEventLoop.call_at pushes with heapq: the loop's Python twin */
         PyObject *meth = PyObject_GetAttr((PyObject *)self, str_call_at_debug);
         PyObject *res = meth ? PyObject_Vectorcall(meth, args, nargsf, kwnames) : NULL;
         Py_XDECREF(meth);
         return res;
     }
-    if (nargs < 2) {
-        PyErr_SetString(PyExc_TypeError, "call_at() takes when and callback");
+    PyObject *bound[2], *cb_args, *context;
+    if (bind_callback_args("call_at", at_names, 2, args, PyVectorcall_NARGS(nargsf), kwnames,
+                           bound, &cb_args, &context) < 0)
         return NULL;
-    }
-    if (args[0] == Py_None) {
+    PyObject *h = NULL;
+    if (bound[0] == Py_None)
         PyErr_SetString(PyExc_TypeError, "when cannot be None");
-        return NULL;
-    }
-    return schedule_at(self, args[0], "call_at", args, nargs, kwnames);
+    else
+        h = schedule_at(self, bound[0], bound[1], cb_args, context);
+    Py_DECREF(cb_args);
+    return h;
 }
 
 static PyObject *LoopCore_call_later(LoopCore *self, PyObject *const *args, size_t nargsf,
                                      PyObject *kwnames)
 {
-    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    if (self->debug)
+    if (self->debug || (loop_hooks(self) & (HOOK_TIME | HOOK_CALL_AT)))
         return call_base(base_call_later, self, args, nargsf, kwnames);
-    if (nargs < 2) {
-        PyErr_SetString(PyExc_TypeError, "call_later() takes delay and callback");
+    PyObject *bound[2], *cb_args, *context;
+    if (bind_callback_args("call_later", later_names, 2, args, PyVectorcall_NARGS(nargsf),
+                           kwnames, bound, &cb_args, &context) < 0)
         return NULL;
-    }
-    PyObject *delay = args[0];
+    PyObject *delay = bound[0], *when = NULL, *h = NULL;
     if (delay == Py_None) {
         PyErr_SetString(PyExc_TypeError, "delay must not be None");
-        return NULL;
-    }
-    PyObject *when;
-    if (PyFloat_CheckExact(delay)) {
+    } else if (PyFloat_CheckExact(delay)) {
         when = PyFloat_FromDouble(monotonic_now() + PyFloat_AS_DOUBLE(delay));
     } else {
         /* asyncio's `self.time() + delay`, with whatever that means for the type */
@@ -615,10 +725,10 @@ static PyObject *LoopCore_call_later(LoopCore *self, PyObject *const *args, size
         when = now ? PyNumber_Add(now, delay) : NULL;
         Py_XDECREF(now);
     }
-    if (!when)
-        return NULL;
-    PyObject *h = schedule_at(self, when, "call_later", args, nargs, kwnames);
-    Py_DECREF(when);
+    if (when)
+        h = schedule_at(self, when, bound[1], cb_args, context);
+    Py_XDECREF(when);
+    Py_DECREF(cb_args);
     return h;
 }
 
@@ -646,16 +756,37 @@ static PyObject *LoopCore__timer_handle_cancelled(LoopCore *self, PyObject *h)
 
 /* ------------------------------------------------------------ one iteration */
 
+/* Make exc the exception being handled (sys.exception()); returns the previous one. */
+static PyObject *handled_exception_swap(PyObject *exc)
+{
+#if PY_VERSION_HEX >= 0x030B0000
+    PyObject *old = PyErr_GetHandledException();
+    PyErr_SetHandledException(exc);
+    return old;
+#else
+    PyObject *type, *value, *tb;
+    PyErr_GetExcInfo(&type, &value, &tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    if (exc)
+        PyErr_SetExcInfo(Py_NewRef((PyObject *)Py_TYPE(exc)), Py_NewRef(exc),
+                         PyException_GetTraceback(exc));
+    else
+        PyErr_SetExcInfo(NULL, NULL, NULL);
+    return value;
+#endif
+}
+
 /* Run one handle as Handle._run does (invariant 2). Returns -1 only for what must
    leave _run_once (SystemExit, KeyboardInterrupt, or a failing exception handler). */
-static int handle_run(LoopCore *self, PyObject *h)
+static int handle_run(LoopCore *self, PyObject *h, unsigned hooks)
 {
     PyObject *res;
     if (self->debug) {
         res = PyObject_CallMethodOneArg((PyObject *)self, str_run_handle_debug, h);
         goto done;
     }
-    PyObject *cb = handle_is_plain(h) ? SLOT(h, off_callback) : NULL;
+    PyObject *cb = handle_is_plain(h) && !(hooks & HOOK_RUN) ? SLOT(h, off_callback) : NULL;
     PyObject *cb_args = cb ? SLOT(h, off_args) : NULL;
     PyObject *ctx = cb ? SLOT(h, off_context) : NULL;
     if (!cb || !cb_args || !PyTuple_CheckExact(cb_args) || !ctx || !PyContext_CheckExact(ctx)) {
@@ -682,9 +813,14 @@ static int handle_run(LoopCore *self, PyObject *h)
         if (PyErr_ExceptionMatches(PyExc_SystemExit) ||
             PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
             return -1;
+        /* the handler runs as inside asyncio's `except BaseException:` (sys.exc_info(),
+           logging.exception() and the __context__ of what it raises see the error) */
         PyObject *exc = ul_fetch_exception();
+        PyObject *outer = handled_exception_swap(exc);
         PyObject *a[3] = {(PyObject *)self, h, exc};
         res = PyObject_VectorcallMethod(str_handle_raised, a, 3, NULL);
+        Py_XDECREF(handled_exception_swap(outer));
+        Py_XDECREF(outer);
         Py_XDECREF(exc);
     }
 done:
@@ -700,20 +836,27 @@ static PyObject *LoopCore__run_once(LoopCore *self, PyObject *unused)
         PyErr_SetString(PyExc_RuntimeError, "the loop has no ring");
         return NULL;
     }
+    unsigned hooks = loop_hooks(self);
+    double now;
     heap_drop_cancelled(self);
 
     double timeout = -1.0; /* block until something completes */
     if (self->rlen || self->stopping) {
         timeout = 0;
     } else if (self->nheap) {
-        timeout = self->heap[0].when - monotonic_now();
+        if (loop_now(self, hooks, &now) < 0)
+            return NULL;
+        timeout = self->heap[0].when - now;
         if (timeout > MAXIMUM_SELECT_TIMEOUT)
             timeout = MAXIMUM_SELECT_TIMEOUT;
-        else if (timeout < 0)
+        else if (!(timeout >= 0)) /* (a NaN deadline too: asyncio's max(0, nan) is 0) */
             timeout = 0;
     }
 
-    PyObject *fired = ring_wait(self->ring, timeout);
+    /* a callback may re-attach or drop the ring while the wait dispatches */
+    Ring *ring = (Ring *)Py_NewRef((PyObject *)self->ring);
+    PyObject *fired = ring_wait(ring, timeout, &self->rlen);
+    Py_DECREF(ring);
     if (!fired)
         return NULL;
     if (fired != Py_None) { /* readiness of add_reader/add_writer fds: asyncio's Handles */
@@ -726,13 +869,18 @@ static PyObject *LoopCore__run_once(LoopCore *self, PyObject *unused)
         Py_DECREF(fired);
     }
 
-    /* timers due by now + clock_resolution: never early */
-    double end_time = monotonic_now() + self->clock_resolution;
-    while (self->nheap && self->heap[0].when < end_time) {
-        PyObject *h = heap_pop(self);
-        slot_set(h, off_scheduled, Py_False);
-        if (ready_push(self, h) < 0)
+    /* timers due by now + clock_resolution: never early (asyncio's test is
+       `when >= end_time` to stop, so a NaN deadline is due) */
+    if (self->nheap) {
+        if (loop_now(self, hooks, &now) < 0)
             return NULL;
+        double end_time = now + self->clock_resolution;
+        while (self->nheap && !(self->heap[0].when >= end_time)) {
+            PyObject *h = heap_pop(self);
+            slot_set(h, off_scheduled, Py_False);
+            if (ready_push(self, h) < 0)
+                return NULL;
+        }
     }
 
     /* the handles ready now; those they schedule wait for the next iteration */
@@ -744,7 +892,7 @@ static PyObject *LoopCore__run_once(LoopCore *self, PyObject *unused)
                                                   : handle_cancelled(h);
         if (c == 0) {
             self->n_handles++;
-            c = handle_run(self, h);
+            c = handle_run(self, h, hooks);
         }
         handle_release(h);
         if (c < 0)
@@ -817,10 +965,8 @@ static Py_ssize_t view_len(QueueView *v) { return v->timers ? v->loop->nheap : v
 
 static PyObject *view_getitem(QueueView *v, Py_ssize_t i)
 {
-    Py_ssize_t n = view_len(v);
-    if (i < 0)
-        i += n;
-    if (i < 0 || i >= n) {
+    /* (PySequence_GetItem has already added the length to a negative index) */
+    if (i < 0 || i >= view_len(v)) {
         PyErr_SetString(PyExc_IndexError, "index out of range");
         return NULL;
     }
@@ -829,12 +975,14 @@ static PyObject *view_getitem(QueueView *v, Py_ssize_t i)
 
 static PyObject *view_list(QueueView *v)
 {
-    Py_ssize_t n = view_len(v);
-    PyObject *list = PyList_New(n);
-    if (!list)
-        return NULL;
-    for (Py_ssize_t i = 0; i < n; i++)
-        PyList_SET_ITEM(list, i, view_item(v, i));
+    PyObject *list = PyList_New(0);
+    /* re-checked each time: an allocation may run the GC and a finalizer */
+    for (Py_ssize_t i = 0; list && i < view_len(v); i++) {
+        PyObject *item = view_item(v, i);
+        if (PyList_Append(list, item) < 0)
+            Py_CLEAR(list);
+        Py_DECREF(item);
+    }
     return list;
 }
 
@@ -959,6 +1107,20 @@ static int set_queue(LoopCore *self, PyObject *value, int timers)
     PyObject *items = PySequence_List(value); /* before clearing: value may be a view */
     if (!items)
         return -1;
+    /* all or nothing: check every item before the queue is touched */
+    for (Py_ssize_t i = 0; timers && i < PyList_GET_SIZE(items); i++) {
+        PyObject *h = PyList_GET_ITEM(items, i);
+        if (!PyObject_TypeCheck(h, TimerHandleType) || !SLOT(h, off_when)) {
+            PyErr_SetString(PyExc_TypeError, "only asyncio.TimerHandle objects can be scheduled");
+            Py_DECREF(items);
+            return -1;
+        }
+        double when = PyFloat_AsDouble(SLOT(h, off_when));
+        if (when == -1.0 && PyErr_Occurred()) {
+            Py_DECREF(items);
+            return -1;
+        }
+    }
     QueueView v = {.loop = self, .timers = timers};
     if (timers) {
         heap_clear(self);
@@ -966,14 +1128,15 @@ static int set_queue(LoopCore *self, PyObject *value, int timers)
     } else {
         ready_clear(self);
     }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
-        if (view_add(&v, PyList_GET_ITEM(items, i)) < 0) {
-            Py_DECREF(items);
-            return -1;
-        }
+    int err = 0;
+    for (Py_ssize_t i = 0; !err && i < PyList_GET_SIZE(items); i++) {
+        PyObject *h = PyList_GET_ITEM(items, i);
+        err = view_add(&v, h);
+        if (!err && timers && timer_cancelled(h))
+            self->timer_cancelled_count++; /* as _timer_handle_cancelled counted it */
     }
     Py_DECREF(items);
-    return 0;
+    return err;
 }
 
 static int set_ready(LoopCore *self, PyObject *value, void *c) { return set_queue(self, value, 0); }
@@ -1107,6 +1270,7 @@ PyTypeObject LoopCoreType = {
     .tp_methods = LoopCore_methods,
     .tp_members = LoopCore_members,
     .tp_getset = LoopCore_getset,
+    .tp_setattro = (setattrofunc)LoopCore_setattro,
 };
 
 int sched_ready_types(void) { return PyType_Ready(&QueueViewType); }

@@ -601,3 +601,170 @@ def test_eager_tasks():
         return loop.run_until_complete(main()), log
 
     same_on_each_loop(scenario)
+
+
+# ------------------------------------------------------------ what review found
+
+
+def test_a_nan_deadline_fires_at_once_and_does_not_block_the_loop():
+    def scenario(loop):
+        log = []
+        loop.call_later(0.05, lambda: (log.append("stop timer"), loop.stop()))
+        try:
+            loop.call_at(float("nan"), log.append, "nan")
+        except ValueError:  # 3.13's heapq comparison of NaN deadlines
+            log.append("refused")
+        t0 = time.monotonic()
+        loop.run_forever()
+        return log, time.monotonic() - t0 < 5
+
+    log, quick = on_each_loop(scenario)["uringloop"]
+    assert quick and "stop timer" in log
+    assert log == same_on_each_loop(lambda lp: scenario(lp)[0])
+
+
+def test_a_replaced_clock_is_used_for_deadlines():
+    """A virtual clock (looptime, aiotools) replaces loop.time(): deadlines follow it."""
+
+    class Virtual(uringloop.UringEventLoop):
+        def time(self):
+            return 1000.0
+
+    loop = Virtual()
+    try:
+        assert loop.call_later(1, print).when() == 1001.0
+        fired = []
+        loop.call_at(999.0, fired.append, "due by the virtual clock")
+        run_iterations(loop, 1)
+        assert fired == ["due by the virtual clock"]
+    finally:
+        loop.close()
+    loop = uringloop.new_event_loop()
+    try:
+        loop.time = lambda: 5.0  # on the instance
+        assert loop.call_later(1, print).when() == 6.0
+    finally:
+        loop.close()
+
+
+def test_replaced_call_at_and_call_soon_hooks_are_called():
+    def scenario(loop):
+        calls = []
+        plain_call_at, plain_call_soon = loop.call_at, loop._call_soon
+        loop.call_at = lambda *a, **k: (calls.append("call_at"), plain_call_at(*a, **k))[1]
+        loop._call_soon = lambda *a: (calls.append("_call_soon"), plain_call_soon(*a))[1]
+        loop.call_later(0, print)
+        loop.call_soon(print)
+        loop.call_soon_threadsafe(print)
+        return calls
+
+    assert same_on_each_loop(scenario) == ["call_at", "_call_soon", "_call_soon"]
+
+
+def test_a_patched_handle_run_is_called(monkeypatch):
+    runs = []
+    plain = events.Handle._run
+
+    def counting_run(self):
+        runs.append(self._callback)
+        plain(self)
+
+    monkeypatch.setattr(events.Handle, "_run", counting_run)
+    loop = uringloop.new_event_loop()
+    try:
+        loop.call_soon(len, "")
+        loop.call_later(0, len, "")
+        run_iterations(loop, 2)
+        assert runs.count(len) == 2
+    finally:
+        loop.close()
+    monkeypatch.undo()
+    loop = uringloop.new_event_loop()
+    try:  # and back to the fast path once restored
+        runs.clear()
+        loop.call_soon(len, "")
+        run_iterations(loop, 1)
+        assert runs == []
+    finally:
+        loop.close()
+
+
+def test_the_exception_handler_runs_as_in_an_except_block():
+    def scenario(loop):
+        seen = []
+
+        def handler(lp, ctx):
+            seen.append(type(sys.exc_info()[1]).__name__)
+            try:
+                raise KeyError("from the handler")
+            except KeyError as e:
+                seen.append(type(e.__context__).__name__)
+
+        loop.set_exception_handler(handler)
+        loop.call_soon(lambda: 1 / 0)
+        run_iterations(loop, 1)
+        seen.append(type(sys.exc_info()[1]).__name__)
+        return seen
+
+    assert same_on_each_loop(scenario) == ["ZeroDivisionError", "ZeroDivisionError", "NoneType"]
+
+
+def test_keyword_forms_of_the_callback_arguments():
+    def scenario(loop):
+        log = []
+        loop.call_soon(callback=log.append)
+        loop.call_later(delay=0, callback=log.append)
+        loop.call_at(when=loop.time() - 1, callback=log.append)
+        loop.call_later(0, callback=log.append)
+        out = [len(loop._ready)]
+        for bad in (
+            lambda: loop.call_soon(log.append, callback=log.append),
+            lambda: loop.call_later(0),
+            lambda: loop.call_at(callback=print),
+        ):
+            try:
+                bad()
+            except TypeError:
+                out.append("TypeError")
+        return out
+
+    assert same_on_each_loop(scenario) == [1, "TypeError", "TypeError", "TypeError"]
+
+
+def test_view_indexes_and_failed_assignment():
+    loop = uringloop.new_event_loop()
+    try:
+        hs = [loop.call_soon(print) for _ in range(3)]
+        assert loop._ready[-1] is hs[2] and loop._ready[-3] is hs[0]
+        with pytest.raises(IndexError):
+            loop._ready[-4]
+        t = loop.call_later(10, print)
+        with pytest.raises(TypeError):
+            loop._scheduled = [t, "not a timer"]
+        assert list(loop._scheduled) == [t]  # untouched
+        c = loop.call_later(20, print)
+        c.cancel()
+        loop._scheduled = list(loop._scheduled)
+        assert loop._timer_cancelled_count == 1
+    finally:
+        loop.close()
+
+
+def test_run_forever_on_a_running_loop_leaves_it_running():
+    loop = uringloop.new_event_loop()
+    try:
+        errors = []
+
+        def nested():
+            try:
+                loop.run_forever()
+            except RuntimeError as e:
+                errors.append(str(e))
+            errors.append(asyncio.get_running_loop() is loop)
+            loop.stop()
+
+        loop.call_soon(nested)
+        loop.run_forever()
+        assert errors == ["This event loop is already running", True]
+    finally:
+        loop.close()

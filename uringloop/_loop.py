@@ -284,8 +284,10 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
             """Run until stop() is called."""
             if type(self)._run_once is not LoopCore._run_once:
                 return super().run_forever()
+            # (setup outside the try: a loop that is closed or already running must
+            # not be cleaned up by the failed call; CPython gh-130145)
+            self._run_forever_setup()
             try:
-                self._run_forever_setup()
                 self._run_until_stopped()
             finally:
                 self._run_forever_cleanup()
