@@ -66,6 +66,7 @@ typedef struct LoopCore {
     unsigned int hooks_tag;  /* the type's tp_version_tag when type_hooks was computed */
     unsigned type_hooks;     /* HOOK_* replaced by the loop's class */
     unsigned instance_hooks; /* HOOK_* assigned on the instance */
+    PyObject *task_factory;  /* BaseEventLoop._task_factory (None: tasks.Task) */
     unsigned long long n_iterations, n_handles;
 } LoopCore;
 
@@ -74,7 +75,10 @@ static PyTypeObject *HandleType, *TimerHandleType;
 static Py_ssize_t off_callback, off_args, off_cancelled, off_loop, off_source_traceback,
     off_repr, off_context, off_when, off_scheduled;
 /* BaseEventLoop's Python methods, for debug mode (invariant 3) */
-static PyObject *base_call_soon, *base_call_soon_threadsafe, *base_call_later;
+static PyObject *base_call_soon, *base_call_soon_threadsafe, *base_call_later, *base_create_task;
+/* asyncio.tasks' namespace (create_task uses tasks.Task as it is at the call) and the
+   keywords create_task passes it */
+static PyObject *tasks_dict, *str_Task, *task_kwnames, *str_name_kw;
 static PyObject *str_call_at_debug, *str_run_handle_debug, *str_handle_raised, *str_ring_events, *str_write_to_self,
     *str_run, *str_cancelled_attr, *str_context_kw;
 static PyObject *empty_tuple;
@@ -137,7 +141,8 @@ static int sched_init_globals(void)
         goto fail;
     if (!(base_call_soon = PyObject_GetAttrString(bel, "call_soon")) ||
         !(base_call_soon_threadsafe = PyObject_GetAttrString(bel, "call_soon_threadsafe")) ||
-        !(base_call_later = PyObject_GetAttrString(bel, "call_later")))
+        !(base_call_later = PyObject_GetAttrString(bel, "call_later")) ||
+        !(base_create_task = PyObject_GetAttrString(bel, "create_task")))
         goto fail;
     if (intern_name(&str_call_at_debug, "_call_at_debug") ||
         intern_name(&str_run_handle_debug, "_run_handle_debug") ||
@@ -147,6 +152,14 @@ static int sched_init_globals(void)
         intern_name(&str_cancelled_attr, "_cancelled") || intern_name(&str_context_kw, "context"))
         goto fail;
     if (!(empty_tuple = PyTuple_New(0)))
+        goto fail;
+    PyObject *tasks_mod = PyImport_ImportModule("asyncio.tasks");
+    if (!tasks_mod)
+        goto fail;
+    tasks_dict = Py_NewRef(PyModule_GetDict(tasks_mod));
+    Py_DECREF(tasks_mod);
+    if (intern_name(&str_Task, "Task") || intern_name(&str_name_kw, "name") ||
+        !(task_kwnames = Py_BuildValue("(sss)", "loop", "name", "context")))
         goto fail;
     if (intern_name(&str_time, "time") || intern_name(&str_call_at, "call_at") ||
         intern_name(&str_call_soon_private, "_call_soon"))
@@ -737,6 +750,56 @@ static PyObject *LoopCore_time(LoopCore *self, PyObject *unused)
     return PyFloat_FromDouble(monotonic_now());
 }
 
+/* create_task(coro, *, name=None, context=None) without a task factory: asyncio's
+   `tasks.Task(coro, loop=self, name=name, context=context)`; anything else (a factory,
+   debug mode, other arguments) is BaseEventLoop.create_task. */
+static PyObject *LoopCore_create_task(LoopCore *self, PyObject *const *args, size_t nargsf,
+                                      PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *name = Py_None, *context = Py_None;
+    int plain = !self->debug && nargs == 1 && self->task_factory == Py_None;
+    for (Py_ssize_t k = 0; plain && kwnames && k < PyTuple_GET_SIZE(kwnames); k++) {
+        PyObject *kw = PyTuple_GET_ITEM(kwnames, k);
+        if (kw == str_name_kw)
+            name = args[nargs + k];
+        else if (kw == str_context_kw)
+            context = args[nargs + k];
+        else
+            plain = 0;
+    }
+    if (!plain)
+        return call_base(base_create_task, self, args, nargsf, kwnames);
+    if (check_open(self) < 0)
+        return NULL;
+    PyObject *task_type = PyDict_GetItemWithError(tasks_dict, str_Task);
+    if (!task_type) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_AttributeError, "asyncio.tasks has no Task");
+        return NULL;
+    }
+    Py_INCREF(task_type);
+    PyObject *stack[4] = {args[0], (PyObject *)self, name, context};
+    PyObject *task = PyObject_Vectorcall(task_type, stack, 1, task_kwnames);
+    Py_DECREF(task_type);
+    return task;
+}
+
+static PyObject *get_task_factory(LoopCore *self, void *c)
+{
+    return Py_NewRef(self->task_factory ? self->task_factory : Py_None);
+}
+
+static int set_task_factory(LoopCore *self, PyObject *v, void *c)
+{
+    if (!v) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete the loop's task factory");
+        return -1;
+    }
+    Py_XSETREF(self->task_factory, Py_NewRef(v));
+    return 0;
+}
+
 static PyObject *LoopCore__add_callback(LoopCore *self, PyObject *h)
 {
     int c = handle_cancelled(h);
@@ -1183,6 +1246,7 @@ static PyGetSetDef LoopCore_getset[] = {
     {"_closed", (getter)get_closed, (setter)set_closed, NULL},
     {"_stopping", (getter)get_stopping, (setter)set_stopping, NULL},
     {"_debug", (getter)get_debug, (setter)set_debug, NULL},
+    {"_task_factory", (getter)get_task_factory, (setter)set_task_factory, NULL},
     {NULL},
 };
 
@@ -1203,6 +1267,8 @@ static PyMethodDef LoopCore_methods[] = {
     {"call_at", (PyCFunction)(void (*)(void))LoopCore_call_at, FASTKW,
      "call_at(when, callback, *args, context=None) -> asyncio.TimerHandle"},
     {"_call_soon", (PyCFunction)(void (*)(void))LoopCore__call_soon, METH_FASTCALL, NULL},
+    {"create_task", (PyCFunction)(void (*)(void))LoopCore_create_task, FASTKW,
+     "create_task(coro, *, name=None, context=None) -> asyncio.Task"},
     {"time", (PyCFunction)LoopCore_time, METH_NOARGS, "the loop's clock (time.monotonic())"},
     {"_add_callback", (PyCFunction)LoopCore__add_callback, METH_O, NULL},
     {"_timer_handle_cancelled", (PyCFunction)LoopCore__timer_handle_cancelled, METH_O, NULL},
@@ -1225,6 +1291,7 @@ static PyObject *LoopCore_new(PyTypeObject *type, PyObject *args, PyObject *kwds
     if (!self)
         return NULL;
     self->clock_resolution = 1e-9;
+    self->task_factory = Py_NewRef(Py_None);
     return (PyObject *)self;
 }
 
@@ -1232,6 +1299,7 @@ static int LoopCore_traverse(LoopCore *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->ring); /* (subtype_traverse visits the heap type) */
     Py_VISIT(self->debug_value);
+    Py_VISIT(self->task_factory);
     for (Py_ssize_t i = 0; i < self->rlen; i++)
         Py_VISIT(self->ready[(self->rhead + i) & (self->rcap - 1)]);
     for (Py_ssize_t i = 0; i < self->nheap; i++)
@@ -1245,6 +1313,7 @@ static int LoopCore_clear(LoopCore *self)
     heap_clear(self);
     Py_CLEAR(self->ring);
     Py_CLEAR(self->debug_value);
+    Py_CLEAR(self->task_factory);
     return 0;
 }
 

@@ -768,3 +768,43 @@ def test_run_forever_on_a_running_loop_leaves_it_running():
         assert errors == ["This event loop is already running", True]
     finally:
         loop.close()
+
+
+def test_create_task_as_asyncio_makes_it():
+    def scenario(loop):
+        ctx = contextvars.copy_context()
+        ctx.run(var.set, "task context")
+        log = []
+
+        async def job(tag):
+            name = asyncio.current_task().get_name()
+            log.append((tag, var.get(), "Task-N" if name.startswith("Task-") else name))
+            return tag
+
+        t1 = loop.create_task(job(1))
+        t2 = loop.create_task(job(2), name="named")
+        t3 = loop.create_task(job(3), context=ctx, name="both")
+        assert type(t1) is asyncio.Task and t1.get_loop() is loop
+        factory_calls = []
+
+        def factory(lp, coro, **kw):
+            factory_calls.append(sorted(kw))
+            return asyncio.Task(coro, loop=lp, **kw)
+
+        loop.set_task_factory(factory)
+        t4 = loop.create_task(job(4), name="via factory")
+        loop.set_task_factory(None)
+        results = loop.run_until_complete(asyncio.gather(t1, t2, t3, t4))
+        loop.close()
+        coro = job(5)
+        try:
+            loop.create_task(coro)
+        except RuntimeError as e:
+            log.append(str(e))
+        coro.close()
+        return results, log[:4], log[4:], factory_calls, t4.get_name()
+
+    results, log, closed, factory_calls, t4_name = same_on_each_loop(scenario)
+    assert results == [1, 2, 3, 4] and t4_name == "via factory"
+    assert log[1] == (2, "unset", "named") and log[2] == (3, "task context", "both")
+    assert closed == ["Event loop is closed"]
