@@ -111,7 +111,7 @@ def run(name: str, loop: str, quick: bool, cpu: int | None = 0) -> float:
         argv += ["-p", "1", "-n", "3", "-w", "1"] if quick else ["--fast"]
         if cpu is not None:
             argv.append(f"--affinity={cpu}")
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f"{name} on {loop} failed: {proc.stderr[-2000:]}")
         got = set(record.read_text().split()) if record.exists() else set()

@@ -79,6 +79,8 @@ static PyObject *base_call_soon, *base_call_soon_threadsafe, *base_call_later, *
 /* asyncio.tasks' namespace (create_task uses tasks.Task as it is at the call) and the
    keywords create_task passes it */
 static PyObject *tasks_dict, *str_Task, *task_kwnames, *str_name_kw;
+/* asyncio.futures' namespace (create_future uses futures.Future as it is at the call) */
+static PyObject *futures_dict, *str_Future, *loop_kwnames;
 static PyObject *str_call_at_debug, *str_run_handle_debug, *str_handle_raised, *str_ring_events, *str_write_to_self,
     *str_run, *str_cancelled_attr, *str_context_kw;
 static PyObject *empty_tuple;
@@ -158,6 +160,13 @@ static int sched_init_globals(void)
         goto fail;
     tasks_dict = Py_NewRef(PyModule_GetDict(tasks_mod));
     Py_DECREF(tasks_mod);
+    PyObject *futures_mod = PyImport_ImportModule("asyncio.futures");
+    if (!futures_mod)
+        goto fail;
+    futures_dict = Py_NewRef(PyModule_GetDict(futures_mod));
+    Py_DECREF(futures_mod);
+    if (intern_name(&str_Future, "Future") || !(loop_kwnames = Py_BuildValue("(s)", "loop")))
+        goto fail;
     if (intern_name(&str_Task, "Task") || intern_name(&str_name_kw, "name") ||
         !(task_kwnames = Py_BuildValue("(sss)", "loop", "name", "context")))
         goto fail;
@@ -785,6 +794,30 @@ static PyObject *LoopCore_create_task(LoopCore *self, PyObject *const *args, siz
     return task;
 }
 
+static PyObject *get_debug(LoopCore *self, void *c);
+
+/* create_future(): asyncio's `futures.Future(loop=self)`, without a Python frame. */
+static PyObject *LoopCore_create_future(LoopCore *self, PyObject *unused)
+{
+    PyObject *future_type = PyDict_GetItemWithError(futures_dict, str_Future);
+    if (!future_type) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_AttributeError, "asyncio.futures has no Future");
+        return NULL;
+    }
+    Py_INCREF(future_type);
+    PyObject *stack[1] = {(PyObject *)self};
+    PyObject *fut = PyObject_Vectorcall(future_type, stack, 0, loop_kwnames);
+    Py_DECREF(future_type);
+    return fut;
+}
+
+/* get_debug(): every Future and Task asks it when made. */
+static PyObject *LoopCore_get_debug(LoopCore *self, PyObject *unused)
+{
+    return get_debug(self, NULL);
+}
+
 static PyObject *get_task_factory(LoopCore *self, void *c)
 {
     return Py_NewRef(self->task_factory ? self->task_factory : Py_None);
@@ -1269,6 +1302,9 @@ static PyMethodDef LoopCore_methods[] = {
     {"_call_soon", (PyCFunction)(void (*)(void))LoopCore__call_soon, METH_FASTCALL, NULL},
     {"create_task", (PyCFunction)(void (*)(void))LoopCore_create_task, FASTKW,
      "create_task(coro, *, name=None, context=None) -> asyncio.Task"},
+    {"create_future", (PyCFunction)LoopCore_create_future, METH_NOARGS,
+     "create_future() -> asyncio.Future"},
+    {"get_debug", (PyCFunction)LoopCore_get_debug, METH_NOARGS, "the loop's debug mode"},
     {"time", (PyCFunction)LoopCore_time, METH_NOARGS, "the loop's clock (time.monotonic())"},
     {"_add_callback", (PyCFunction)LoopCore__add_callback, METH_O, NULL},
     {"_timer_handle_cancelled", (PyCFunction)LoopCore__timer_handle_cancelled, METH_O, NULL},

@@ -808,3 +808,15 @@ def test_create_task_as_asyncio_makes_it():
     assert results == [1, 2, 3, 4] and t4_name == "via factory"
     assert log[1] == (2, "unset", "named") and log[2] == (3, "task context", "both")
     assert closed == ["Event loop is closed"]
+
+
+def test_create_future_and_get_debug():
+    loop = uringloop.new_event_loop()
+    try:
+        fut = loop.create_future()
+        assert type(fut) is asyncio.Future and fut.get_loop() is loop
+        assert loop.get_debug() is False
+        loop.set_debug(True)
+        assert loop.get_debug() is True and loop.create_future()._source_traceback
+    finally:
+        loop.close()
