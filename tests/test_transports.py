@@ -708,3 +708,40 @@ def test_multishot_receive_merges_a_batch_into_one_call():
     assert info["recv_buffer_ring"] is True
     assert info["recv_multishot_cqes"] >= calls > 0
     assert info["recv_deliveries"] <= info["recv_multishot_cqes"]
+
+
+def test_bulk_receives_copied_out_of_reused_buffers_arrive_exactly():
+    """A one-connection 256 KiB echo goes through single-shot bulk receives, most of them
+    partly filled: their bytes are copied out and the 256 KiB buffer is received into
+    again (spare reuses). Every message must come back byte for byte."""
+    loop = uringloop.new_event_loop()
+    payload = bytes(range(256)) * 1024  # 256 KiB
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def data_received(self, data):
+            assert type(data) is bytes
+            self.transport.write(data)
+
+    async def main():
+        server = await loop.create_server(Echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        before = loop._ring.stats()["recv_spare_reuses"]
+        for i in range(40):
+            writer.write(payload)
+            got = await reader.readexactly(len(payload))
+            assert got == payload, i
+        reuses = loop._ring.stats()["recv_spare_reuses"] - before
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+        return reuses
+
+    try:
+        assert loop.run_until_complete(main()) > 0
+    finally:
+        loop.close()
