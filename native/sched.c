@@ -759,6 +759,23 @@ static PyObject *LoopCore_time(LoopCore *self, PyObject *unused)
     return PyFloat_FromDouble(monotonic_now());
 }
 
+/* Call the class a module's namespace holds under name now (asyncio's code looks
+   tasks.Task and futures.Future up at each call, so a patched one is used too). */
+static PyObject *call_module_class(PyObject *ns, PyObject *name, PyObject *const *args,
+                                   Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *cls = PyDict_GetItemWithError(ns, name);
+    if (!cls) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_AttributeError, "asyncio has no %U", name);
+        return NULL;
+    }
+    Py_INCREF(cls); /* the call may replace it in the namespace */
+    PyObject *obj = PyObject_Vectorcall(cls, args, nargs, kwnames);
+    Py_DECREF(cls);
+    return obj;
+}
+
 /* create_task(coro, *, name=None, context=None) without a task factory: asyncio's
    `tasks.Task(coro, loop=self, name=name, context=context)`; anything else (a factory,
    debug mode, other arguments) is BaseEventLoop.create_task. */
@@ -781,17 +798,8 @@ static PyObject *LoopCore_create_task(LoopCore *self, PyObject *const *args, siz
         return call_base(base_create_task, self, args, nargsf, kwnames);
     if (check_open(self) < 0)
         return NULL;
-    PyObject *task_type = PyDict_GetItemWithError(tasks_dict, str_Task);
-    if (!task_type) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_AttributeError, "asyncio.tasks has no Task");
-        return NULL;
-    }
-    Py_INCREF(task_type);
     PyObject *stack[4] = {args[0], (PyObject *)self, name, context};
-    PyObject *task = PyObject_Vectorcall(task_type, stack, 1, task_kwnames);
-    Py_DECREF(task_type);
-    return task;
+    return call_module_class(tasks_dict, str_Task, stack, 1, task_kwnames);
 }
 
 static PyObject *get_debug(LoopCore *self, void *c);
@@ -799,17 +807,8 @@ static PyObject *get_debug(LoopCore *self, void *c);
 /* create_future(): asyncio's `futures.Future(loop=self)`, without a Python frame. */
 static PyObject *LoopCore_create_future(LoopCore *self, PyObject *unused)
 {
-    PyObject *future_type = PyDict_GetItemWithError(futures_dict, str_Future);
-    if (!future_type) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_AttributeError, "asyncio.futures has no Future");
-        return NULL;
-    }
-    Py_INCREF(future_type);
     PyObject *stack[1] = {(PyObject *)self};
-    PyObject *fut = PyObject_Vectorcall(future_type, stack, 0, loop_kwnames);
-    Py_DECREF(future_type);
-    return fut;
+    return call_module_class(futures_dict, str_Future, stack, 0, loop_kwnames);
 }
 
 /* get_debug(): every Future and Task asks it when made. */
