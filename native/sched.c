@@ -1095,7 +1095,8 @@ static int view_add(QueueView *v, PyObject *h)
 {
     if (!v->timers)
         return ready_push(v->loop, Py_NewRef(h));
-    if (!PyObject_TypeCheck(h, TimerHandleType)) {
+    /* (a TimerHandle made with __new__ alone has no _when: refused, not dereferenced) */
+    if (!PyObject_TypeCheck(h, TimerHandleType) || !SLOT(h, off_when)) {
         PyErr_SetString(PyExc_TypeError, "only asyncio.TimerHandle objects can be scheduled");
         return -1;
     }

@@ -820,3 +820,28 @@ def test_create_future_and_get_debug():
         assert loop.get_debug() is True and loop.create_future()._source_traceback
     finally:
         loop.close()
+
+
+def test_a_run_once_replaced_on_the_instance_is_used():
+    loop = uringloop.new_event_loop()
+    try:
+        calls = []
+        plain = loop._run_once
+        loop._run_once = lambda: (calls.append(1), plain())
+        loop.run_until_complete(asyncio.sleep(0))
+        assert len(calls) >= 2
+    finally:
+        loop.close()
+
+
+def test_scheduling_a_timer_handle_without_fields_is_refused():
+    loop = uringloop.new_event_loop()
+    try:
+        bare = events.TimerHandle.__new__(events.TimerHandle)
+        with pytest.raises(TypeError):
+            loop._scheduled.append(bare)
+        with pytest.raises(TypeError):
+            loop._scheduled = [bare]
+        assert len(loop._scheduled) == 0
+    finally:
+        loop.close()

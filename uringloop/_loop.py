@@ -282,7 +282,7 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
 
         def run_forever(self) -> None:
             """Run until stop() is called."""
-            if type(self)._run_once is not LoopCore._run_once:
+            if self._run_once_replaced():
                 return super().run_forever()
             # (setup outside the try: a loop that is closed or already running must
             # not be cleaned up by the failed call; CPython gh-130145)
@@ -297,7 +297,7 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
         def run_forever(self) -> None:
             """Run until stop() is called."""
             # BaseEventLoop.run_forever of 3.10-3.12, with its inner loop in C
-            if type(self)._run_once is not LoopCore._run_once:
+            if self._run_once_replaced():
                 return super().run_forever()
             self._check_closed()
             self._check_running()
@@ -317,6 +317,11 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
                 events._set_running_loop(None)
                 self._set_coroutine_origin_tracking(False)
                 sys.set_asyncgen_hooks(*old_agen_hooks)
+
+    def _run_once_replaced(self) -> bool:
+        """Whether a subclass or the instance replaced _run_once: then asyncio's
+        run_forever calls it, as it would on asyncio's loop."""
+        return type(self)._run_once is not LoopCore._run_once or "_run_once" in self.__dict__
 
     def _ring_events(self, fired: list[tuple[int, int]]) -> None:
         """Polls of add_reader/add_writer fds that fired in this iteration's wait."""
