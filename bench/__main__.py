@@ -1,8 +1,9 @@
 """Run the benchmarks: asyncio, uvloop, rloop and uringloop side by side, in one invocation.
 
-usage: python -m bench [--quick] [--only micro,echo,http,bulk,internals] [--rounds N]
+usage: python -m bench [--quick] [--only micro,echo,udp,http,bulk,internals] [--rounds N]
                        [--seconds S] [--modes sock,streams,protocol] [--sizes 1024,16384,262144]
-                       [--conns 1,16,128] [--loops asyncio,uvloop,rloop,uringloop] [--no-reference]
+                       [--conns 1,16,128] [--udp-echo-sizes 1024,16384] [--udp-echo-clients 16,128]
+                       [--loops asyncio,uvloop,rloop,uringloop] [--no-reference]
                        [--http-servers aiohttp,uvicorn,hypercorn] [--http-conns 16,128]
                        [--bulk-sizes 4096,...] [--udp-sizes 4096,...] [--bulk-mib 512]
                        [--udp-mib 1024] [--internals async_tree_none,...] [--out DIR]
@@ -16,6 +17,11 @@ min/max and ratios between medians of the same invocation.
 - echo: our echo server in sock_*, streams and protocol modes, driven by a C load
   generator (bench/echo_client.c); the C echo server on liburing (bench/ring_echo_server.c)
   is in every table as the ceiling, and shows the load generator is not the bottleneck.
+- udp: a UDP echo server (bench/udp_echo_server.py: create_datagram_endpoint, sendto in
+  datagram_received) driven by a C load generator (bench/udp_echo_client.c) whose clients
+  each keep one datagram in flight; datagrams/s and server CPU per datagram, with the C
+  UDP echo server on liburing (bench/ring_udp_echo_server.c) as the ceiling. A loop that
+  cannot serve datagrams is n/a in the table and named in the notes.
 - http: aiohttp and Starlette under uvicorn and hypercorn (bench/http_server.py) loaded by
   wrk: "Hello, World!" and a 1 MiB response.
 - bulk: one-way sends over loopback TCP and as UDP into a dead-end veth in a network
@@ -41,7 +47,7 @@ from .loops import LOOPS
 from .report import Report, environment, progress, write
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("micro", "echo", "http", "bulk", "internals")
+PARTS = ("micro", "echo", "udp", "http", "bulk", "internals")
 
 FULL = {
     "rounds": 5,
@@ -49,6 +55,8 @@ FULL = {
     "modes": "sock,streams,protocol",
     "sizes": "1024,16384,262144",
     "conns": "1,16,128",
+    "udp_echo_sizes": "1024,16384",
+    "udp_echo_clients": "16,128",
     "http_servers": "aiohttp,uvicorn,hypercorn",
     "http_conns": "16,128",
     "http_paths": "/,/1m",
@@ -65,6 +73,8 @@ QUICK = {
     "modes": "protocol",
     "sizes": "1024,262144",
     "conns": "16",
+    "udp_echo_sizes": "1024",
+    "udp_echo_clients": "16",
     "http_servers": "aiohttp,uvicorn",
     "http_conns": "64",
     "http_paths": "/",
@@ -90,9 +100,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="a slice of each part, ~2 minutes")
     ap.add_argument("--only", default=",".join(PARTS), help="parts to run: " + ",".join(PARTS))
     ap.add_argument("--rounds", type=int)
-    ap.add_argument("--seconds", type=float, help="timed seconds per echo/HTTP run")
+    ap.add_argument("--seconds", type=float, help="timed seconds per echo/UDP/HTTP run")
     ap.add_argument("--loops", default=",".join(LOOPS))
-    ap.add_argument("--no-reference", action="store_true", help="no C liburing echo server")
+    ap.add_argument("--no-reference", action="store_true", help="no C liburing echo servers")
     for key in FULL:
         if key not in ("rounds", "seconds"):
             ap.add_argument("--" + key.replace("_", "-"), type=type(FULL[key]))
@@ -116,7 +126,7 @@ def main() -> int:
     rounds = args.rounds
     env = environment()
     results: dict = {"environment": env, "rounds": rounds, "seconds": args.seconds}
-    results.update(micro={}, echo=[], http=[], bulk=[], internals={}, notes=[])
+    results.update(micro={}, echo=[], udp=[], http=[], bulk=[], internals={}, notes=[])
 
     modes, sizes, conns = words(args.modes), ints(args.sizes), ints(args.conns)
     echo_servers = list(loops)
@@ -125,6 +135,13 @@ def main() -> int:
             echo_servers.append(runners.REFERENCE)
         else:
             results["notes"].append("C reference server not built (gcc or liburing missing)")
+    udp_echo_sizes, udp_clients = ints(args.udp_echo_sizes), ints(args.udp_echo_clients)
+    udp_servers = list(loops)
+    if "udp" in args.parts and not args.no_reference:
+        if runners.reference_server_available("ring_udp_echo_server"):
+            udp_servers.append(runners.REFERENCE)
+        else:
+            results["notes"].append("C UDP reference server not built (gcc or liburing missing)")
     http_cells = [
         (server, path, c)
         for server in words(args.http_servers)
@@ -147,6 +164,7 @@ def main() -> int:
     planned = {
         "micro": rounds * len(loops),
         "echo": rounds * len(modes) * len(sizes) * len(conns) * len(echo_servers),
+        "udp": rounds * len(udp_echo_sizes) * len(udp_clients) * len(udp_servers),
         "http": rounds * len(http_cells) * len(loops),
         "bulk": rounds * (len(ints(args.bulk_sizes)) + len(udp_sizes)) * len(variants)
         + rounds * len(ints(args.file_sizes)) * len(file_variants),
@@ -162,27 +180,51 @@ def main() -> int:
     def done() -> None:
         bar.update(1)
 
-    def measure_cell(name: str, servers: list[str], run) -> dict:
-        """Rounds of alternating servers under load: req/s, server CPU, p50 and p99 rows."""
+    # (key in a run's result, row label, unit, higher is better)
+    echo_rows = (
+        ("rps", "req/s", "req/s", True),
+        ("server_cpu_us_per_req", "server CPU", "us/req", False),
+        ("p50_us", "p50", "us", False),
+        ("p99_us", "p99", "us", False),
+    )
+
+    def measure_cell(
+        name: str, servers: list[str], run, rows=echo_rows, failed: dict | None = None
+    ) -> dict:
+        """Rounds of alternating servers under load: req/s, server CPU, p50 and p99 rows.
+
+        With `failed` (server -> why), a server that says it cannot run, or fails twice, is
+        recorded there and left out from then on (n/a in the table) instead of ending the run.
+        """
+        retry_on = (RuntimeError,) if failed is None else (RuntimeError, subprocess.SubprocessError)
         per: dict[str, dict[str, list[float]]] = {}
         for _ in range(rounds):
             for lp in servers:
                 step(f"{name} {lp}")
+                if failed is not None and lp in failed:
+                    done()
+                    continue
                 try:
-                    r = run(lp)
-                except RuntimeError as exc:  # a run that finished no request: once more
-                    print(f"\n{name} {lp}: {exc}; running it again", file=sys.stderr)
-                    r = run(lp)
-                for key in ("rps", "server_cpu_us_per_req", "p50_us", "p99_us"):
+                    try:
+                        r = run(lp)
+                    except runners.Unsupported:
+                        raise
+                    except retry_on as exc:  # a run that finished no request: once more
+                        print(f"\n{name} {lp}: {exc}; running it again", file=sys.stderr)
+                        r = run(lp)
+                except retry_on as exc:
+                    if failed is None:
+                        raise
+                    failed[lp] = f"{name}: {exc}"
+                    print(f"\n{name} {lp}: {exc}; leaving {lp} out", file=sys.stderr)
+                    done()
+                    continue
+                for key, *_ in rows:
                     per.setdefault(key, {}).setdefault(lp, []).append(r[key])
                 done()
         return {
-            "rps": report.row(f"{name} req/s", per["rps"], "req/s"),
-            "server_cpu_us_per_req": report.row(
-                f"{name} server CPU", per["server_cpu_us_per_req"], "us/req", False
-            ),
-            "p50_us": report.row(f"{name} p50", per["p50_us"], "us", False),
-            "p99_us": report.row(f"{name} p99", per["p99_us"], "us", False),
+            key: report.row(f"{name} {label}", per.get(key, {}), unit, higher)
+            for key, label, unit, higher in rows
         }
 
     def ratios(cols: list[str], base=("uvloop", "rloop", "asyncio")) -> list[tuple[str, str]]:
@@ -220,6 +262,42 @@ def main() -> int:
                         ),
                     )
                     results["echo"].append({"mode": mode, "size": size, "conns": c, **rows})
+
+    if "udp" in args.parts and udp_echo_sizes and udp_clients:
+        client = runners.build("udp_echo_client")
+        ref = runners.REFERENCE
+        udp_ratios = [(a, "uvloop") for a in ("uringloop", "rloop", "asyncio")] + [
+            (a, ref) for a in ("uringloop", "uvloop", "rloop", "asyncio")
+        ]
+        udp_ratios = [(a, b) for a, b in udp_ratios if a in udp_servers and b in udp_servers]
+        report.header("UDP echo", udp_servers, udp_ratios)
+        udp_rows = (
+            ("dgram_per_s", "datagrams/s", "dgram/s", True),
+            ("server_cpu_us_per_dgram", "server CPU", "us/dgram", False),
+            ("p50_us", "p50", "us", False),
+            ("p99_us", "p99", "us", False),
+        )
+        udp_failed: dict[str, str] = {}
+        for size in udp_echo_sizes:
+            for c in udp_clients:
+                losses: dict[str, list[int]] = {}
+
+                def run_udp(lp, size=size, c=c, losses=losses):
+                    r = runners.run_udp_echo(client, lp, size, c, args.seconds)
+                    losses.setdefault(lp, []).append(r["losses"])
+                    return r
+
+                name = f"udp echo {size} B x{c}"
+                rows = measure_cell(name, udp_servers, run_udp, udp_rows, udp_failed)
+                results["udp"].append({"size": size, "clients": c, **rows, "losses": losses})
+                lost = {lp: sum(n) for lp, n in losses.items() if sum(n)}
+                if lost:
+                    results["notes"].append(
+                        f"{name}: datagrams lost (resent after 200 ms): "
+                        + ", ".join(f"{lp} {n}" for lp, n in lost.items())
+                    )
+        for lp, why in udp_failed.items():
+            results["notes"].append(f"UDP echo: {lp} left out ({why})")
 
     if "http" in args.parts and http_cells:
         report.header("HTTP (wrk, 1 thread)", loops, ratios(loops))

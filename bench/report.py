@@ -187,6 +187,19 @@ def plot(results: dict, out_dir: Path, stamp: str) -> list[Path]:
         axes[0][0].legend(fontsize=6, ncol=2)
         save(fig, "echo-latency")
 
+    udp = results.get("udp", [])
+    if udp:
+        clients = sorted({c["clients"] for c in udp})
+        fig, axes = plt.subplots(1, len(clients), figsize=(4.5 * len(clients), 3.2), squeeze=False)
+        for j, c in enumerate(clients):
+            cells = sorted((x for x in udp if x["clients"] == c), key=lambda x: x["size"])
+            loops = list(dict.fromkeys(lp for x in cells for lp in x["dgram_per_s"]))
+            per = {lp: [_median(x["dgram_per_s"], lp) for x in cells] for lp in loops}
+            bars(axes[0][j], [f"{x['size']} B" for x in cells], per, "datagrams/s")
+            axes[0][j].set_title(f"UDP echo, {c} client{'s' * (c > 1)}")
+        axes[0][0].legend(fontsize=8)
+        save(fig, "udp-echo")
+
     http = results.get("http", [])
     if http:
         labels = [f"{x['server']} {x['path']} x{x['conns']}" for x in http]

@@ -64,12 +64,18 @@ def echo_server_argv(loop: str, mode: str) -> list[str]:
     return [sys.executable, "-m", "bench.echo_server", f"--loop={loop}", f"--mode={mode}"]
 
 
+class Unsupported(RuntimeError):
+    """The server cannot run on this loop (it said so instead of READY)."""
+
+
 @contextlib.contextmanager
 def server_on_cpu0(argv: list[str], what: str) -> Iterator[tuple[subprocess.Popen, str]]:
     """Start a server that prints "READY <port>", pinned to CPU 0; yield it and its port."""
     server = subprocess.Popen(pinned(0, argv), stdout=subprocess.PIPE, text=True, cwd=HERE.parent)
     try:
         line = server.stdout.readline()
+        if line.startswith("UNSUPPORTED"):
+            raise Unsupported(f"{what}: {line[len('UNSUPPORTED') :].strip()}")
         if not line.startswith("READY"):
             raise RuntimeError(f"{what} did not start: {line!r}")
         yield server, line.split()[1]
@@ -89,6 +95,52 @@ def run_echo(client: Path, loop: str, mode: str, size: int, conns: int, seconds:
         cpu1 = cpu_seconds(server.pid)
     result = json.loads(out.stdout)
     result["server_cpu_us_per_req"] = (cpu1 - cpu0) * 1e6 / max(result["requests"], 1)
+    return result
+
+
+def udp_rcvbuf(size: int, clients: int) -> int:
+    """SO_RCVBUF for the UDP echo servers: room for every client's datagram at once.
+
+    In a closed loop each client has at most one datagram in flight; a default-sized
+    buffer (about 200 KiB) would drop some of 128 x 16 KiB and turn the run into a
+    measure of the load generator's loss timeout. Same size for every server.
+    """
+    truesize = 1 << (size + 1024).bit_length()  # what the kernel charges, rounded up
+    return max(1 << 20, clients * truesize)
+
+
+def udp_echo_server_argv(loop: str, size: int, clients: int) -> list[str]:
+    rcvbuf = udp_rcvbuf(size, clients)
+    if loop == REFERENCE:
+        return [str(build("ring_udp_echo_server", ("-luring",))), "0", str(rcvbuf)]
+    return [
+        sys.executable,
+        "-m",
+        "bench.udp_echo_server",
+        f"--loop={loop}",
+        f"--rcvbuf={rcvbuf}",
+    ]
+
+
+def run_udp_echo(client: Path, loop: str, size: int, clients: int, seconds: float) -> dict:
+    """The UDP load generator (CPU 1) against a UDP echo server on `loop` (CPU 0)."""
+
+    def load(argv: list[str], secs: float) -> dict:
+        out = subprocess.run([*argv, str(secs)], capture_output=True, text=True, timeout=secs + 30)
+        if out.returncode:
+            raise RuntimeError(f"UDP load generator failed: {out.stderr.strip()[-500:]}")
+        return json.loads(out.stdout)
+
+    argv = udp_echo_server_argv(loop, size, clients)
+    with server_on_cpu0(argv, f"{loop} UDP echo server") as (server, port):
+        argv = pinned(1, [str(client), "127.0.0.1", port, str(clients), str(size)])
+        load(argv, min(0.5, seconds / 4))  # warm-up, then the timed run
+        cpu0 = cpu_seconds(server.pid)
+        result = load(argv, seconds)
+        cpu1 = cpu_seconds(server.pid)
+    if not result["datagrams"]:
+        raise RuntimeError(f"no echo came back ({result['losses']} datagrams lost)")
+    result["server_cpu_us_per_dgram"] = (cpu1 - cpu0) * 1e6 / result["datagrams"]
     return result
 
 
@@ -180,9 +232,9 @@ def run_http(loop: str, server_name: str, path: str, conns: int, seconds: float)
     return result
 
 
-def reference_server_available() -> bool:
+def reference_server_available(name: str = "ring_echo_server") -> bool:
     try:
-        build("ring_echo_server", ("-luring",))
+        build(name, ("-luring",))
         return True
     except (OSError, subprocess.CalledProcessError):
         return False

@@ -60,3 +60,45 @@ def test_bench_runs_in_its_shortest_mode(tmp_path):
     (page,) = tmp_path.glob("results-*.md")
     text = page.read_text()
     assert "uringloop / uvloop" in text and all(name in text for name in data["plots"])
+
+
+def test_bench_udp_echo_part(tmp_path):
+    """The UDP echo part, cut to one small cell: each loop that can serve datagrams echoes them."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--only=udp",
+            "--rounds=1",
+            "--seconds=1",
+            "--udp-echo-sizes=1024",
+            "--udp-echo-clients=4",
+            f"--out={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = tmp_path.glob("results-*.json")
+    data = json.loads(result.read_text())
+    assert not data["echo"] and not data["http"] and not data["bulk"]
+    (cell,) = data["udp"]
+    assert (cell["size"], cell["clients"]) == (1024, 4)
+    served = set(cell["dgram_per_s"])
+    # our loop, the stdlib's, uvloop and the C ceiling must serve; rloop may be left out,
+    # and then the notes say why
+    assert served >= {"asyncio", "uvloop", "uringloop", "c-liburing"}, data["notes"]
+    if "rloop" not in served:
+        assert any(n.startswith("UDP echo: rloop left out") for n in data["notes"])
+    for loop in served:
+        assert cell["dgram_per_s"][loop]["median"] > 0, loop
+        assert cell["server_cpu_us_per_dgram"][loop]["median"] > 0, loop
+        assert 0 < cell["p50_us"][loop]["median"] <= cell["p99_us"][loop]["median"], loop
+        assert cell["losses"][loop] == [0] or "lost" in " ".join(data["notes"]), loop
+    (page,) = tmp_path.glob("results-*.md")
+    text = page.read_text()
+    assert "| UDP echo |" in text and "uringloop / uvloop" in text
+    assert "uringloop / c-liburing" in text and "udp echo 1024 B x4 datagrams/s" in text
