@@ -76,7 +76,7 @@ test-asan: .venv-asan/ready
 		-k "uringloop or not (asyncio or uvloop)" \
 		test_ring.py test_sock_api.py test_loop_api.py test_entrypoints.py test_transports.py \
 		test_servers.py test_zerocopy_buffers.py test_sendfile.py test_processes.py \
-		test_datagram.py test_tls.py test_loop_close.py test_protocol_switch.py \
+		test_datagram.py test_datagram_ring.py test_tls.py test_loop_close.py test_protocol_switch.py \
 		test_reentrancy.py test_contextvars.py test_fuzz_findings.py test_scheduler.py
 	$(MAKE) fuzz-ci
 

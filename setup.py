@@ -26,6 +26,7 @@ setup(
                 "native/stream.c",
                 "native/stream_send.c",
                 "native/stream_recv.c",
+                "native/datagram.c",
                 "native/zcbuf.c",
                 "native/sched.c",
                 "native/bufpool.c",

@@ -12,6 +12,8 @@
  *   stream_recv.c  receives: the shared buffer ring, multishot and single-shot,
  *                  delivery to Protocol / BufferedProtocol, data held while paused
  *   zcbuf.c        ZeroCopyBuffer and the registered arena behind it
+ *   datagram.c     the Datagram type: UDP and Unix datagram transports (multishot
+ *                  RECVMSG from a buffer ring, batched SENDMSG/SENDMSG_ZC)
  *   sched.c        the loop core: ready queue, timer heap, asyncio's Handles made in
  *                  C, one loop iteration (_run_once) around ring_wait()
  *   module.c       the module: types, interned names, the at-fork handler
@@ -112,11 +114,20 @@ enum ul_kind {
     UL_SENDZC,       /* sock_sendzc: resolves with the byte count at the notification CQE */
     UL_ACCEPT_MULTI, /* a server's multishot accept: each CQE calls fut(fd_or_-errno) */
     UL_RESULT,       /* splice, one-shot poll: the future gets the CQE's result (may be linked) */
-    /* stream kinds last: dispatch sends every kind from UL_STREAM_RECV on to the stream */
+    UL_RECVFROM,      /* sock_recvfrom: a RECVMSG, result (bytes, address) */
+    UL_RECVFROM_INTO, /* sock_recvfrom_into: a RECVMSG into the caller's buffer, (n, address) */
+    /* stream kinds: dispatch sends UL_STREAM_RECV..UL_STREAM_ZC to the stream */
     UL_STREAM_RECV, /* a stream transport's read: data goes to the protocol */
     UL_STREAM_SEND, /* a stream transport's copied send */
     UL_STREAM_ZC,   /* a stream transport's SEND_ZC: done only at its notification CQE */
+    /* datagram kinds last: dispatch sends every kind from UL_DGRAM_RECV on to datagram.c */
+    UL_DGRAM_RECV, /* a datagram transport's RECVMSG (multishot or single-shot) */
+    UL_DGRAM_SEND, /* one datagram: SENDMSG, or SENDMSG_ZC (done at its notification) */
+    UL_DGRAM_POLL, /* a datagram transport waiting for room after EAGAIN */
 };
+
+static inline int ul_is_stream_kind(int kind) { return kind >= UL_STREAM_RECV && kind <= UL_STREAM_ZC; }
+static inline int ul_is_dgram_kind(int kind) { return kind >= UL_DGRAM_RECV; }
 
 typedef struct ul_op {
     uint32_t gen;
@@ -142,6 +153,7 @@ typedef struct ul_op {
     /* a vectored stream send: one held view per payload in obj (a list) */
     Py_buffer *views;
     struct iovec *iov;
+    struct iovec iov1; /* a datagram's one iovec */
     struct msghdr msg;
     int niov, iov_first;
     size_t done;
@@ -219,6 +231,15 @@ typedef struct Ring {
     PyObject *rx_spare[16];
     uint32_t nrx_spare;
     unsigned long long rx_spare_reuses;
+    /* datagram transports (datagram.c): those with datagrams to submit this iteration,
+       and the buffer ring their multishot receives take from */
+    PyObject **dg_dirty;
+    uint32_t ndg_dirty, capdg_dirty;
+    int dg_state; /* 0 not set up yet, 1 ready, -1 unavailable: single-shot RECVMSG */
+    struct io_uring_buf_ring *dg_ring;
+    char *dg_arena;
+    size_t dg_map_len;
+    unsigned long long dg_recv_cqes, dg_received, dg_sends, dg_zc_sends, dg_retries;
 } Ring;
 
 typedef struct Stream {
@@ -373,6 +394,8 @@ PyObject *Ring_poll_modify(Ring *r, PyObject *args);
 PyObject *Ring_cancel(Ring *r, PyObject *arg);
 PyObject *Ring_recv(Ring *r, PyObject *args);
 PyObject *Ring_recv_into(Ring *r, PyObject *args);
+PyObject *Ring_recvfrom(Ring *r, PyObject *args);
+PyObject *Ring_recvfrom_into(Ring *r, PyObject *args);
 PyObject *Ring_sendall(Ring *r, PyObject *args);
 PyObject *Ring_accept(Ring *r, PyObject *args);
 PyObject *Ring_accept_multishot(Ring *r, PyObject *args);
@@ -434,6 +457,18 @@ int rx_spare_keep(Ring *r, PyObject *obj);
 
 extern PyTypeObject LoopCoreType;
 int sched_ready_types(void);
+
+/* ------------------------------------------------------------ datagram.c */
+
+extern PyTypeObject DatagramType;
+int dgram_ready_type(void);
+PyObject *Ring_datagram_stats(Ring *r, PyObject *unused);
+void dgram_complete(Ring *r, ul_op *op, int res, unsigned flags);
+void dgram_retire(Ring *r, ul_op *op, int res, unsigned flags);
+/* submit the datagrams queued this iteration (from ring_wait, before the enter) */
+void dgram_flush_dirty(Ring *r);
+void dgram_drop_dirty(Ring *r);
+void dgram_teardown(Ring *r, int unregister);
 
 /* ------------------------------------------------------------ zcbuf.c */
 

@@ -312,6 +312,68 @@ PyObject *Ring_recv_into(Ring *r, PyObject *args)
     return PyLong_FromUnsignedLongLong(op_key(op));
 }
 
+/* A RECVMSG of one datagram into base[0:len], the source address into the record. */
+static void prep_recvfrom(struct io_uring_sqe *sqe, ul_op *op, void *base, size_t len)
+{
+    memset(&op->msg, 0, sizeof(op->msg));
+    op->iov1.iov_base = base;
+    op->iov1.iov_len = len;
+    op->msg.msg_iov = &op->iov1;
+    op->msg.msg_iovlen = 1;
+    op->msg.msg_name = &op->addr;
+    op->msg.msg_namelen = sizeof(op->addr);
+    io_uring_prep_recvmsg(sqe, op->fd, &op->msg, 0);
+}
+
+PyObject *Ring_recvfrom(Ring *r, PyObject *args)
+{
+    int fd;
+    Py_ssize_t n;
+    PyObject *fut, *sock = NULL;
+    if (!PyArg_ParseTuple(args, "inO|O:recvfrom", &fd, &n, &fut, &sock))
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative buffersize in recvfrom");
+        return NULL;
+    }
+    PyObject *buf = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)cap_len((size_t)n));
+    if (!buf)
+        return NULL;
+    struct io_uring_sqe *sqe;
+    ul_op *op = op_start(r, UL_RECVFROM, fd, fut, &sqe);
+    if (!op) {
+        Py_DECREF(buf);
+        return NULL;
+    }
+    op->obj = buf;
+    Py_XINCREF(sock);
+    op->sock = sock;
+    prep_recvfrom(sqe, op, PyBytes_AS_STRING(buf), (size_t)PyBytes_GET_SIZE(buf));
+    op_armed(r, op, sqe);
+    return PyLong_FromUnsignedLongLong(op_key(op));
+}
+
+PyObject *Ring_recvfrom_into(Ring *r, PyObject *args)
+{
+    int fd;
+    Py_ssize_t n;
+    PyObject *obj, *fut, *sock = NULL;
+    struct io_uring_sqe *sqe;
+    if (!PyArg_ParseTuple(args, "iOnO|O:recvfrom_into", &fd, &obj, &n, &fut, &sock))
+        return NULL;
+    ul_op *op = buffer_op(r, UL_RECVFROM_INTO, fd, obj, fut, 1, &sqe);
+    if (!op)
+        return NULL;
+    Py_XINCREF(sock);
+    op->sock = sock;
+    if (n <= 0 || n > op->view.len)
+        n = op->view.len;
+    op->done = cap_len((size_t)n);
+    prep_recvfrom(sqe, op, op->view.buf, op->done);
+    op_armed(r, op, sqe);
+    return PyLong_FromUnsignedLongLong(op_key(op));
+}
+
 /* Whether op->fd still names the socket the request was made for. The application may
    have closed that socket meanwhile (the kernel's request kept it alive), and the
    number may name another file by now: a resubmission must not read, send or accept on
@@ -357,6 +419,12 @@ static int request_resubmit(Ring *r, ul_op *op, int after_eagain)
         break;
     case UL_RECV_INTO:
         io_uring_prep_recv(sqe, op->fd, op->view.buf, op->done, 0);
+        break;
+    case UL_RECVFROM:
+        prep_recvfrom(sqe, op, PyBytes_AS_STRING(op->obj), (size_t)PyBytes_GET_SIZE(op->obj));
+        break;
+    case UL_RECVFROM_INTO:
+        prep_recvfrom(sqe, op, op->view.buf, op->done);
         break;
     case UL_SENDALL:
         io_uring_prep_send(sqe, op->fd, (char *)op->view.buf + op->done,
@@ -593,7 +661,7 @@ void request_complete(Ring *r, ul_op *op, int res, unsigned flags)
     int gone = op->cancelled || (op->fut && fut_is_done(op->fut));
     if (res == -EAGAIN && !gone &&
         (op->kind == UL_RECV || op->kind == UL_RECV_INTO || op->kind == UL_SENDALL ||
-         op->kind == UL_ACCEPT)) {
+         op->kind == UL_ACCEPT || op->kind == UL_RECVFROM || op->kind == UL_RECVFROM_INTO)) {
         /* nothing moved (rule 6): the same request again, not an error */
         r->n_eagain++;
         if (request_resubmit(r, op, 1) == 0)
@@ -624,6 +692,46 @@ void request_complete(Ring *r, ul_op *op, int res, unsigned flags)
         else
             fut_resolve_count(op->fut, res);
         break;
+    case UL_RECVFROM:
+    case UL_RECVFROM_INTO: {
+        if (res < 0) {
+            if (gone)
+                orphan_data(r, op, "", res); /* brought nothing */
+            else
+                fut_fail(op->fut, -res);
+            break;
+        }
+        const char *base = op->kind == UL_RECVFROM ? PyBytes_AS_STRING(op->obj) : op->view.buf;
+        PyObject *addr = sockaddr_to_py(&op->addr, op->msg.msg_namelen);
+        if (op->msg.msg_namelen == 0 && addr) /* as socket.recvfrom(): no address */
+            Py_SETREF(addr, Py_NewRef(Py_None));
+        PyObject *value = NULL;
+        if (addr) {
+            if (gone)
+                value = Py_BuildValue("(y#O)", base, (Py_ssize_t)res, addr);
+            else if (op->kind == UL_RECVFROM_INTO)
+                value = Py_BuildValue("(iO)", res, addr);
+            else if (_PyBytes_Resize(&op->obj, res) == 0)
+                value = PyTuple_Pack(2, op->obj, addr);
+            Py_DECREF(addr);
+        }
+        if (!value) {
+            PyErr_WriteUnraisable(op->fut);
+        } else if (gone) {
+            /* a datagram a cancelled receive took: the next receive on the socket gets it */
+            if (r->orphan_cb && op->sock) {
+                PyObject *out = PyObject_CallFunction(r->orphan_cb, "OOK", op->sock, value,
+                                                      (unsigned long long)op_key(op));
+                if (!out)
+                    callback_failed(r, r->orphan_cb);
+                Py_XDECREF(out);
+            }
+        } else {
+            fut_resolve(op->fut, value, 0);
+        }
+        Py_XDECREF(value);
+        break;
+    }
     case UL_SENDALL:
         if (gone)
             break;

@@ -451,11 +451,15 @@ static void dispatch(Ring *r, ul_op *op, int res, unsigned flags)
         flags = 0;
     }
     if (r->closing) {
-        if (op->kind >= UL_STREAM_RECV)
+        if (ul_is_dgram_kind(op->kind))
+            dgram_retire(r, op, res, flags);
+        else if (ul_is_stream_kind(op->kind))
             stream_retire(r, op, res, flags);
         else
             request_retire(r, op, res, flags);
-    } else if (op->kind >= UL_STREAM_RECV) {
+    } else if (ul_is_dgram_kind(op->kind)) {
+        dgram_complete(r, op, res, flags);
+    } else if (ul_is_stream_kind(op->kind)) {
         stream_complete(r, op, res, flags);
     } else {
         request_complete(r, op, res, flags);
@@ -573,6 +577,8 @@ static int Ring_traverse(Ring *r, visitproc visit, void *arg)
         Py_VISIT(r->pin_waiters[i]);
     for (uint32_t i = 0; i < r->ndirty; i++)
         Py_VISIT(r->dirty[i]);
+    for (uint32_t i = 0; i < r->ndg_dirty; i++)
+        Py_VISIT(r->dg_dirty[i]);
     for (uint32_t i = 0; i < r->nrx_ready; i++)
         Py_VISIT(r->rx_ready[i]);
     for (uint32_t i = 0; i < r->nrx_spare; i++)
@@ -612,6 +618,9 @@ static void Ring_dealloc(Ring *r)
         PyMem_Free(r->rearm);
         drop_dirty(r);
         PyMem_Free(r->dirty);
+        dgram_drop_dirty(r);
+        PyMem_Free(r->dg_dirty);
+        dgram_teardown(r, 0);
         for (i = 0; i < r->nrx_ready; i++)
             Py_DECREF(r->rx_ready[i]);
         PyMem_Free(r->rx_ready);
@@ -666,6 +675,8 @@ PyObject *ring_wait(Ring *r, double timeout, const Py_ssize_t *ready)
     if (rearm_polls(r) < 0)
         return NULL;
     flush_dirty(r);
+    if (r->ndg_dirty && ring_live(r))
+        dgram_flush_dirty(r);
     if (r->escaping) /* flush callbacks (a drained queue) were interrupted */
         return ring_take_escaping(r);
     if (!ring_live(r)) /* a flush callback forked: the child stops here (rule 4) */
@@ -773,7 +784,7 @@ static void shutdown_stuck_streams(Ring *r)
 {
     for (uint32_t i = 1; i < r->nops; i++) {
         ul_op *op = r->ops[i];
-        if (op->kind < UL_STREAM_RECV || !op->armed || op->notif || !op->sock)
+        if (!ul_is_stream_kind(op->kind) || !op->armed || op->notif || !op->sock)
             continue;
         Stream *s = (Stream *)op->sock;
         if (s->closed || s->fd != op->fd)
@@ -818,6 +829,7 @@ static PyObject *Ring_close(Ring *r, PyObject *arg)
     if (!r->graveyard && !(r->graveyard = PyList_New(0)))
         PyErr_Clear(); /* references are then dropped at once */
     drop_dirty(r); /* batched writes of this iteration never go out */
+    dgram_drop_dirty(r);
     r->nrearm = 0;
     uint32_t i;
     for (i = 1; i < r->nops; i++) {
@@ -867,8 +879,10 @@ static PyObject *Ring_close(Ring *r, PyObject *arg)
     r->nrx_ready = 0;
     uint32_t pinned = memory_backed_inflight(r);
     r->drained = pinned == 0;
-    if (r->drained)
+    if (r->drained) {
         rx_teardown(r, 1); /* no recv can pick from the buffer ring any more */
+        dgram_teardown(r, 1);
+    }
     /* the drain is over: finalizers of what the records held may run now */
     Py_CLEAR(r->graveyard);
     if (PyErr_Occurred())
@@ -980,6 +994,10 @@ static PyMethodDef Ring_methods[] = {
     {"recv", (PyCFunction)Ring_recv, METH_VARARGS, "recv(fd, n, fut[, sock]) -> key"},
     {"recv_into", (PyCFunction)Ring_recv_into, METH_VARARGS,
      "recv_into(fd, buf, n, fut[, sock]) -> key"},
+    {"recvfrom", (PyCFunction)Ring_recvfrom, METH_VARARGS,
+     "recvfrom(fd, n, fut[, sock]) -> key; fut gets (bytes, address)"},
+    {"recvfrom_into", (PyCFunction)Ring_recvfrom_into, METH_VARARGS,
+     "recvfrom_into(fd, buf, n, fut[, sock]) -> key; fut gets (nbytes, address)"},
     {"sendall", (PyCFunction)Ring_sendall, METH_VARARGS,
      "sendall(fd, data, fut[, offset]) -> key: data[offset:]"},
     {"accept", (PyCFunction)Ring_accept, METH_VARARGS, "accept(fd, fut) -> key"},
@@ -998,6 +1016,8 @@ static PyMethodDef Ring_methods[] = {
      "close(timeout) -> int: cancel everything, reap, and return how many memory-backed\n"
      "requests the kernel still holds (0: safe to tear down)"},
     {"stats", (PyCFunction)Ring_stats, METH_NOARGS, "counters of the data plane"},
+    {"datagram_stats", (PyCFunction)Ring_datagram_stats, METH_NOARGS,
+     "counters of the datagram transports"},
     {"zerocopy_stats", (PyCFunction)Ring_zerocopy_stats, METH_NOARGS,
      "counters of the stream write path (zero-copy and copied sends, pinned memory)"},
     {"fault_injection", (PyCFunction)Ring_fault_injection, METH_NOARGS | METH_STATIC,

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
 from ._dataplane import ZeroCopyBuffer
@@ -30,6 +30,7 @@ __all__ = [
     "new_event_loop",
     "probe",
     "run",
+    "sendto_many",
 ]
 __version__ = "0.1.0"
 
@@ -62,6 +63,23 @@ def new_event_loop(
         zc_pinned_limit=zc_pinned_limit,
         zc_transport_pinned_limit=zc_transport_pinned_limit,
     )
+
+
+def sendto_many(transport: asyncio.DatagramTransport, datagrams: Iterable[tuple[Any, Any]]) -> None:
+    """Queue a burst of datagrams, ``(data, addr)`` pairs, on a datagram transport.
+
+    On uringloop's datagram transport this is one call into C that queues them all
+    for the end of the iteration (``transport.sendto_many``); on any other loop it is
+    ``transport.sendto(data, addr)`` for each pair in order, with the same errors.
+    ``addr`` is ``None`` for a connected transport.
+    """
+    native = getattr(transport, "sendto_many", None)
+    if native is not None:
+        native(datagrams)
+        return
+    sendto = transport.sendto
+    for data, addr in datagrams:
+        sendto(data, addr)
 
 
 def _require_from_env() -> bool:

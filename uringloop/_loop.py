@@ -28,6 +28,7 @@ straight to io_uring operations.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import errno
 import io
@@ -46,6 +47,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _ring
+from ._datagram import RingDatagramTransport
 from ._dataplane import LoopCore, Ring, ZeroCopyBuffer
 from ._splice import SplicePipes, splice_file_to_socket
 from ._transports import (
@@ -75,11 +77,12 @@ _KEPT_ALIVE: list[tuple[Ring, object]] = []
 class _RecvBacklog:
     """What cancelled receives on one socket brought in, and which are still in flight."""
 
-    __slots__ = ("sock", "data", "pending", "drained")
+    __slots__ = ("sock", "data", "datagrams", "pending", "drained")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = weakref.ref(sock)
         self.data = bytearray()
+        self.datagrams: collections.deque[tuple[bytes, Any]] = collections.deque()
         self.pending: set[int] = set()  # keys of cancelled requests still in the kernel
         self.drained: asyncio.Future | None = None  # done once pending is empty
 
@@ -422,6 +425,16 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
             return RingStreamTransport(self, sock, protocol, waiter, extra, server)
         return super()._make_socket_transport(sock, protocol, waiter, extra=extra, server=server)
 
+    def _make_datagram_transport(  # type: ignore[override]
+        self,
+        sock: socket.socket,
+        protocol: Any,
+        address: Any = None,
+        waiter: Any = None,
+        extra: Any = None,
+    ) -> Any:
+        return RingDatagramTransport(self, sock, protocol, address, waiter, extra)
+
     # ------------------------------------------------------------ servers
 
     # A listening socket handed in with sock= may be shared with other processes
@@ -613,16 +626,19 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
             if not data:
                 return
             entry = self._recv_backlog[fd] = _RecvBacklog(sock)
-        entry.data += data
+        if isinstance(data, tuple):
+            entry.datagrams.append(data)  # (bytes, address): a whole datagram
+        else:
+            entry.data += data
         entry.pending.discard(key)
         if not entry.pending:
             if entry.drained is not None and not entry.drained.done():
                 entry.drained.set_result(None)
-            if not entry.data:
+            if not entry.data and not entry.datagrams:
                 del self._recv_backlog[fd]
 
-    async def _take_backlog(self, sock: socket.socket, n: int) -> bytes | None:
-        """Bytes cancelled receives on sock brought in, once none is in flight any more."""
+    async def _backlog_settled(self, sock: socket.socket) -> _RecvBacklog | None:
+        """sock's backlog once no cancelled receive on it is in flight any more."""
         entry = self._recv_backlog_entry(sock)
         if entry is None:
             return None
@@ -630,14 +646,32 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
             if entry.drained is None or entry.drained.done():
                 entry.drained = self.create_future()
             await entry.drained
+        return entry
+
+    async def _take_backlog(self, sock: socket.socket, n: int) -> bytes | None:
+        """Bytes cancelled receives on sock brought in, once none is in flight any more."""
+        entry = await self._backlog_settled(sock)
+        if entry is None:
+            return None
         if not entry.data:
-            self._recv_backlog.pop(sock.fileno(), None)
+            if not entry.datagrams:
+                self._recv_backlog.pop(sock.fileno(), None)
             return None
         chunk = bytes(entry.data[:n])
         del entry.data[:n]
-        if not entry.data:
+        if not entry.data and not entry.datagrams:
             self._recv_backlog.pop(sock.fileno(), None)
         return chunk
+
+    async def _take_datagram(self, sock: socket.socket) -> tuple[bytes, Any] | None:
+        """The oldest datagram a cancelled receive on sock took, once none is in flight."""
+        entry = await self._backlog_settled(sock)
+        if entry is None:
+            return None
+        item = entry.datagrams.popleft() if entry.datagrams else None
+        if not entry.data and not entry.datagrams:
+            self._recv_backlog.pop(sock.fileno(), None)
+        return item
 
     def _check_sock(self, sock: socket.socket) -> None:
         base_events._check_ssl_socket(sock)
@@ -689,6 +723,98 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
         except asyncio.CancelledError:
             self._recv_given_up(sock, fut, key, buf)
             raise
+
+    async def sock_recvfrom(self, sock: socket.socket, bufsize: int) -> tuple[bytes, Any]:
+        """Receive one datagram of at most bufsize bytes (the rest of it is discarded).
+
+        As on asyncio's loop, a datagram already there is returned at once; otherwise
+        one IORING_OP_RECVMSG waits for it. A receive cancelled after the kernel gave it
+        a datagram hands that datagram to the next receive on the socket.
+        """
+        self._check_sock(sock)
+        if self._recv_backlog and (item := await self._take_datagram(sock)) is not None:
+            return item[0][:bufsize], item[1]
+        fd = sock.fileno()
+        try:
+            return sock.recvfrom(bufsize)
+        except (BlockingIOError, InterruptedError):
+            pass
+        self._ensure_fd_no_transport(fd)
+        fut = self.create_future()
+        key = self._ring.recvfrom(fd, bufsize, fut, sock)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self._datagram_given_up(sock, fut, key)
+            raise
+
+    async def sock_recvfrom_into(
+        self, sock: socket.socket, buf: Any, nbytes: int = 0
+    ) -> tuple[int, Any]:
+        """Receive one datagram into buf (at most nbytes of it): (size, address)."""
+        self._check_sock(sock)
+        if not nbytes:
+            nbytes = len(buf)
+        if self._recv_backlog and self._recv_backlog_entry(sock) is not None:
+            view = memoryview(buf).cast("B")
+            if nbytes > len(view):
+                raise ValueError("nbytes is greater than the length of the buffer")
+            item = await self._take_datagram(sock)
+            if item is not None:
+                chunk = item[0][:nbytes]
+                view[: len(chunk)] = chunk
+                return len(chunk), item[1]
+        fd = sock.fileno()
+        try:
+            return sock.recvfrom_into(buf, nbytes)
+        except (BlockingIOError, InterruptedError):
+            pass
+        self._ensure_fd_no_transport(fd)
+        fut = self.create_future()
+        key = self._ring.recvfrom_into(fd, buf, nbytes, fut, sock)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self._datagram_given_up(sock, fut, key, buf)
+            raise
+
+    def _datagram_given_up(
+        self, sock: socket.socket, fut: asyncio.Future, key: int, buf: Any = None
+    ) -> None:
+        """A sock_recvfrom/_into was cancelled: keep the datagram its request takes."""
+        if self._ring.cancel(key):
+            entry = self._recv_backlog_entry(sock)
+            if entry is None:
+                entry = self._recv_backlog[sock.fileno()] = _RecvBacklog(sock)
+            entry.pending.add(key)
+        elif fut.done() and not fut.cancelled() and fut.exception() is None:
+            # completed, but the task was cancelled before it could take the result
+            first, addr = fut.result()
+            if buf is not None:  # recvfrom_into: the bytes are in the caller's buffer
+                first = bytes(memoryview(buf).cast("B")[:first])
+            self._keep_orphaned_data(sock, (first, addr), 0)
+
+    async def sock_sendto(self, sock: socket.socket, data: Any, address: Any) -> int:
+        """Send one datagram to address: at once, as asyncio does, or once the socket
+        has room, which a POLL request on the ring says (a datagram is never partly sent).
+        """
+        self._check_sock(sock)
+        fd = sock.fileno()
+        while True:
+            try:
+                return sock.sendto(data, address)
+            except (BlockingIOError, InterruptedError):
+                pass
+            self._ensure_fd_no_transport(fd)
+            fut = self.create_future()
+            key = self._ring.poll_once(fd, POLLOUT, fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                self._ring.cancel(key)
+                raise
+            if sock.fileno() != fd:
+                raise OSError(errno.EBADF, os.strerror(errno.EBADF))
 
     async def sock_sendall(self, sock: socket.socket, data: Any) -> None:
         """Send all of data: as much as the socket takes at once (as asyncio), the rest
