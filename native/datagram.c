@@ -22,9 +22,10 @@
  *   a send that reports -EAGAIN or -ENOBUFS is sent again after a POLLOUT on the
  *   socket, and the transport submits its next batch only when every send of the
  *   previous one has completed: datagrams leave in sendto() order.
- * - SENDMSG_ZC (6.1) completes twice like SEND_ZC: the payload stays referenced
- *   by its record until the notification (IORING_CQE_F_NOTIF); the queue moves on
- *   after the first CQE.
+ * - A zero-copy datagram is a SEND_ZC with its destination in the SQE (addr2, 6.0),
+ *   from the registered arena as a fixed buffer when it is a ZeroCopyBuffer there.
+ *   It completes twice: the payload stays referenced by its record until the
+ *   notification (IORING_CQE_F_NOTIF); the queue moves on after the first CQE.
  * - A datagram is sent whole or not at all: there are no short sends.
  *
  * The invariants of this unit
@@ -561,8 +562,14 @@ static void dgram_submit(Datagram *d)
         op->msg.msg_flags = 0;
         op->done = DG_IN_QUEUE;
         if (zc) {
-            io_uring_prep_sendmsg_zc(sqe, d->fd, &op->msg, MSG_DONTWAIT | MSG_NOSIGNAL);
-            sqe->ioprio |= IORING_SEND_ZC_REPORT_USAGE;
+            /* SEND_ZC with the destination in the SQE rather than SENDMSG_ZC: it can
+               send a ZeroCopyBuffer of the registered arena as a fixed buffer, whose
+               pages the kernel does not have to pin again for every datagram */
+            prep_send_zc_payload(r, sqe, d->fd, op->obj, op->iov1.iov_base, (size_t)len);
+            sqe->msg_flags |= MSG_DONTWAIT;
+            if (op->addrlen)
+                io_uring_prep_send_set_addr(sqe, (const struct sockaddr *)&op->addr,
+                                            (uint16_t)op->addrlen);
             op->multi = 1; /* (a ZC send: expects a notification) */
             pin(r, op, (size_t)len);
             d->pinned += len;
