@@ -80,6 +80,11 @@
 #define DG_AGAIN 2    /* came back -EAGAIN/-ENOBUFS: goes again, in its place */
 
 #define ZC_COPIED_STREAK_LIMIT 4
+/* A send that fails with ENOBUFS (a full qdisc, reported with IP_RECVERR) goes again
+   after a POLLOUT this many times; then it is reported to error_received() and
+   dropped, as asyncio does at once: a qdisc that keeps dropping must not become a
+   retry loop that never says so. */
+#define DG_ENOBUFS_RETRIES 8
 
 typedef struct Datagram {
     PyObject_HEAD
@@ -89,6 +94,7 @@ typedef struct Datagram {
     PyObject *owner;       /* the Python transport (dropped by close_now) */
     PyObject *on_datagram; /* protocol.datagram_received */
     PyObject *on_error;    /* protocol.error_received */
+    PyObject *protocol;    /* looked up at call time for a method it lacked when bound */
     PyObject *address;     /* the address given at creation (sendto compares), or NULL */
     PyObject *read_ctx;
     PyObject *write_ctx;
@@ -124,12 +130,26 @@ static inline int dgram_live(const Datagram *d)
 
 static int dgram_check_fork(Datagram *d)
 {
+    if (!d->ring) {
+        PyErr_SetString(PyExc_RuntimeError, "Datagram.__init__() was not called");
+        return -1;
+    }
     if (!ring_forked(d->ring))
         return 0;
     PyErr_SetString(PyExc_RuntimeError,
                     "this transport belongs to an event loop of the parent process; a forked "
                     "child cannot use it (it may only close it)");
     return -1;
+}
+
+static PyObject *dgram_callback(Datagram *d, PyObject *bound, const char *name);
+
+static int dgram_initialised(Datagram *d)
+{
+    if (d->ring)
+        return 1;
+    PyErr_SetString(PyExc_RuntimeError, "Datagram.__init__() was not called");
+    return 0;
 }
 
 /* ------------------------------------------------------------ calls into Python */
@@ -202,19 +222,19 @@ static void dgram_protocol_raised(Datagram *d, PyObject *callback, PyObject *ctx
 /* error_received(OSError(err)) in ctx. */
 static void dgram_error_received(Datagram *d, int err, PyObject *ctx)
 {
-    if (!d->on_error || d->closed)
+    if (d->closed)
         return;
     PyObject *exc = oserror_from(err);
     if (!exc) {
         PyErr_WriteUnraisable(d->owner ? d->owner : (PyObject *)d);
         return;
     }
-    PyObject *cb = Py_NewRef(d->on_error);
-    PyObject *res = dgram_call(d, cb, &exc, 1, ctx);
+    PyObject *cb = dgram_callback(d, d->on_error, "error_received");
+    PyObject *res = cb ? dgram_call(d, cb, &exc, 1, ctx) : NULL;
     if (!res)
-        dgram_protocol_raised(d, cb, ctx);
+        dgram_protocol_raised(d, cb ? cb : Py_None, ctx);
     Py_XDECREF(res);
-    Py_DECREF(cb);
+    Py_XDECREF(cb);
     Py_DECREF(exc);
 }
 
@@ -371,7 +391,7 @@ static void dgram_read_failed(Datagram *d)
 static void dgram_deliver(Datagram *d, PyObject *data, PyObject *addr)
 {
     Ring *r = d->ring;
-    if (d->closed || d->read_closed || !d->on_datagram) {
+    if (d->closed || d->read_closed) {
         Py_DECREF(data);
         Py_DECREF(addr);
         return;
@@ -387,13 +407,13 @@ static void dgram_deliver(Datagram *d, PyObject *data, PyObject *addr)
         return;
     }
     r->dg_received++;
-    PyObject *cb = Py_NewRef(d->on_datagram);
+    PyObject *cb = dgram_callback(d, d->on_datagram, "datagram_received");
     PyObject *args[2] = {data, addr};
-    PyObject *res = dgram_call(d, cb, args, 2, d->read_ctx);
+    PyObject *res = cb ? dgram_call(d, cb, args, 2, d->read_ctx) : NULL;
     if (!res)
-        dgram_protocol_raised(d, cb, d->read_ctx);
+        dgram_protocol_raised(d, cb ? cb : Py_None, d->read_ctx);
     Py_XDECREF(res);
-    Py_DECREF(cb);
+    Py_XDECREF(cb);
     Py_DECREF(data);
     Py_DECREF(addr);
 }
@@ -526,12 +546,70 @@ static int dgram_is_zc(Datagram *d, PyObject *payload, Py_ssize_t len)
     return IS_ZCBUF(payload) || len >= d->zc_threshold;
 }
 
+static int dgram_wait_writable(Datagram *d);
+static void dgram_maybe_resume(Datagram *d);
+static void dgram_check_drained(Datagram *d);
+
+/* Unix datagram sockets: the queue goes out with sendmsg() calls, in order, until the
+   peer's queue is full (EAGAIN), then a POLLOUT on the ring says when to go on. A
+   batch of MSG_DONTWAIT requests cannot keep their order there: the peer's reader
+   frees room between two of them, and a later datagram overtakes one refused. */
+static void dgram_send_direct(Datagram *d)
+{
+    Ring *r = d->ring;
+    while (d->qlen && dgram_live(d) && !d->write_waiting) {
+        uint64_t key = d->queue[d->qhead];
+        ul_op *op = op_lookup(r, key);
+        if (!op) {
+            d->qhead++, d->qlen--;
+            continue;
+        }
+        Py_ssize_t len = dg_payload_len(op->obj);
+        op->iov1.iov_base = dg_payload_base(op->obj);
+        op->iov1.iov_len = (size_t)len;
+        memset(&op->msg, 0, sizeof(op->msg));
+        op->msg.msg_iov = &op->iov1;
+        op->msg.msg_iovlen = 1;
+        op->msg.msg_name = op->addrlen ? &op->addr : NULL;
+        op->msg.msg_namelen = op->addrlen;
+        ssize_t n = sendmsg(d->fd, &op->msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+        int err = n < 0 ? errno : 0;
+        if (err == EINTR)
+            continue;
+        if (err == EAGAIN || err == ENOBUFS) {
+            r->dg_retries++;
+            if (dgram_wait_writable(d) < 0)
+                PyErr_WriteUnraisable(d->owner ? d->owner : (PyObject *)d);
+            return;
+        }
+        /* sent, or refused for good: it leaves the queue before any Python runs */
+        d->qhead++, d->qlen--;
+        d->queued -= len;
+        r->dg_sends++;
+        op_free(r, op);
+        if (err)
+            dgram_error_received(d, err, d->write_ctx); /* may close (rule 1) */
+    }
+    if (d->qlen == 0) {
+        d->qhead = 0;
+        if (!d->closed) {
+            dgram_maybe_resume(d);
+            if (!d->closed)
+                dgram_check_drained(d);
+        }
+    }
+}
+
 /* Submit the queued records that are not in the kernel yet, as one batch. */
 static void dgram_submit(Datagram *d)
 {
     Ring *r = d->ring;
     if (d->nsending || d->nbatch || d->write_waiting || !dgram_live(d))
         return;
+    if (d->family == AF_UNIX) {
+        dgram_send_direct(d);
+        return;
+    }
     for (uint32_t i = 0; i < d->qlen; i++) {
         ul_op *op = op_lookup(r, d->queue[d->qhead + i]);
         if (!op)
@@ -685,7 +763,8 @@ static void dgram_send_complete(Ring *r, Datagram *d, ul_op *op, int res, unsign
         d->queued -= len;
         if (res >= 0 && op->multi)
             r->zc_bytes += res;
-    } else if (res == -EAGAIN || res == -ENOBUFS || res == -ECANCELED ||
+    } else if (res == -EAGAIN || res == -ECANCELED ||
+               (res == -ENOBUFS && ++op->arg <= DG_ENOBUFS_RETRIES) ||
                (op->multi && (res == -EOPNOTSUPP || res == -ENOMEM))) {
         /* nothing went: the same datagram again, in its place */
         r->dg_retries++;
@@ -709,6 +788,7 @@ static void dgram_send_complete(Ring *r, Datagram *d, ul_op *op, int res, unsign
                 again->sock = Py_NewRef((PyObject *)d);
                 again->addr = op->addr;
                 again->addrlen = op->addrlen;
+                again->arg = op->arg; /* (the ENOBUFS retries so far) */
                 again->done = DG_AGAIN;
                 op->done = DG_FINISHED;
                 /* its key takes the old one's place in the batch */
@@ -998,49 +1078,99 @@ static int dgram_queue_one(Datagram *d, PyObject *data, PyObject *addr)
                      Py_TYPE(data)->tp_name);
         return -1;
     }
-    PyObject *payload;
-    if (PyBytes_CheckExact(data) || IS_ZCBUF(data)) {
-        payload = Py_NewRef(data);
+    Py_ssize_t len;
+    if (PyBytes_Check(data) || IS_ZCBUF(data)) {
+        len = dg_payload_len(data);
     } else {
         Py_buffer view;
         if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
             return -1;
-        /* asyncio copies what it buffers: the caller may reuse its buffer now */
-        payload = PyBytes_FromStringAndSize(view.buf, view.len);
+        len = view.len;
         PyBuffer_Release(&view);
-        if (!payload)
-            return -1;
     }
-    Py_ssize_t len = dg_payload_len(payload);
-    if (len == 0 && !d->empty_sends) {
-        Py_DECREF(payload);
-        return 1; /* Python before 3.12.? sends nothing for b'' */
-    }
+    if (len == 0 && !d->empty_sends)
+        return 1; /* Python before 3.13 sends nothing for b'' */
     if (d->address && addr != Py_None) {
         int eq = PyObject_RichCompareBool(addr, d->address, Py_EQ);
         if (eq <= 0) {
-            Py_DECREF(payload);
             if (eq == 0)
                 PyErr_Format(PyExc_ValueError, "Invalid address: must be None or %S", d->address);
             return -1;
         }
     }
-    if (d->closing || !d->owner) {
-        /* as asyncio's connected transports: dropped, counted, logged from the fifth */
-        Py_DECREF(payload);
-        if (d->conn_lost >= LOG_THRESHOLD_FOR_CONNLOST_WRITES && dgram_warn_cb) {
-            PyObject *res = PyObject_CallNoArgs(dgram_warn_cb);
+    /* Everything that may run Python comes before the record exists, and the state is
+       looked at after it (rule 1): a port's __index__, the transport's resolution of a
+       host name, a buffer's __buffer__ may close the transport or the loop. */
+    struct sockaddr_storage ss;
+    socklen_t sslen = 0;
+    int closing = d->closing || !d->owner;
+    if (!closing && !d->connected && dgram_sockaddr(d, addr, &ss, &sslen) < 0) {
+        /* asyncio: an OSError goes to error_received(), anything else is fatal */
+        PyObject *exc = ul_fetch_exception();
+        if (!exc)
+            return -1;
+        if (PyErr_GivenExceptionMatches(exc, PyExc_OSError)) {
+            PyObject *cb = dgram_callback(d, d->on_error, "error_received");
+            PyObject *res = cb ? dgram_call(d, cb, &exc, 1, NULL) : NULL;
+            Py_XDECREF(cb);
+            Py_DECREF(exc);
             if (!res)
-                return -1;
+                return -1; /* raised out of sendto(), as asyncio's does */
             Py_DECREF(res);
+            return 1;
         }
-        d->conn_lost++;
+        if (!PyErr_GivenExceptionMatches(exc, PyExc_Exception)) {
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+            Py_DECREF(exc);
+            return -1;
+        }
+        PyObject *args[2] = {exc, str_fatal_write_message};
+        dgram_owner_call(d, str_fatal_error, args, 2, NULL);
+        Py_DECREF(exc);
+        return PyErr_Occurred() ? -1 : 1;
+    }
+    if ((d->family == AF_INET && len > DG_UDP4_MAX) || (d->family == AF_INET6 && len > DG_UDP6_MAX)) {
+        if (closing || d->closing || !d->owner)
+            goto dropped;
+        /* what the kernel would refuse for sure is refused inside sendto(), as the
+           send asyncio tries at once would be: error_received() before it returns */
+        PyObject *exc = oserror_from(EMSGSIZE);
+        if (!exc)
+            return -1;
+        PyObject *cb = dgram_callback(d, d->on_error, "error_received");
+        PyObject *res = cb ? dgram_call(d, cb, &exc, 1, NULL) : NULL;
+        Py_XDECREF(cb);
+        Py_DECREF(exc);
+        if (!res)
+            return -1; /* raised out of sendto(), as asyncio's does */
+        Py_DECREF(res);
         return 1;
     }
-    if (!ring_live(r)) {
+    PyObject *payload;
+    if (PyBytes_CheckExact(data) || IS_ZCBUF(data)) {
+        payload = Py_NewRef(data);
+    } else {
+        /* asyncio copies what it buffers: the caller may reuse its buffer now */
+        Py_buffer view;
+        if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+            return -1;
+        payload = PyBytes_FromStringAndSize(view.buf, view.len < len ? view.len : len);
+        PyBuffer_Release(&view);
+        if (!payload)
+            return -1;
+        len = PyBytes_GET_SIZE(payload);
+    }
+    if (closing || d->closing || !d->owner) {
         Py_DECREF(payload);
+        goto dropped;
+    }
+    if (!ring_live(r) || r->closing) {
+        Py_DECREF(payload);
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "the event loop is closing");
         return -1;
     }
+    /* from here on no Python runs until the record is queued */
     ul_op *op = op_alloc(r, UL_DGRAM_SEND);
     if (!op) {
         Py_DECREF(payload);
@@ -1048,79 +1178,77 @@ static int dgram_queue_one(Datagram *d, PyObject *data, PyObject *addr)
     }
     op->obj = payload;
     zcbuf_lend(payload); /* lent until the record is freed (op_free gives it back) */
-    if (!d->connected) {
-        if (dgram_sockaddr(d, addr, &op->addr, &op->addrlen) < 0) {
-            op_free(r, op);
-            /* asyncio: an OSError goes to error_received(), anything else is fatal */
-            PyObject *exc = ul_fetch_exception();
-            if (!exc)
-                return -1;
-            if (PyErr_GivenExceptionMatches(exc, PyExc_OSError) && d->on_error) {
-                PyObject *cb = Py_NewRef(d->on_error);
-                PyObject *res = dgram_call(d, cb, &exc, 1, NULL);
-                Py_DECREF(cb);
-                Py_DECREF(exc);
-                if (!res)
-                    return -1; /* raised out of sendto(), as asyncio's does */
-                Py_DECREF(res);
-                return 1;
-            }
-            if (!PyErr_GivenExceptionMatches(exc, PyExc_Exception)) {
-                PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-                Py_DECREF(exc);
-                return -1;
-            }
-            PyObject *args[2] = {exc, str_fatal_write_message};
-            dgram_owner_call(d, str_fatal_error, args, 2, NULL);
-            Py_DECREF(exc);
-            return PyErr_Occurred() ? -1 : 1;
-        }
-    }
-    if ((d->family == AF_INET && len > DG_UDP4_MAX) || (d->family == AF_INET6 && len > DG_UDP6_MAX)) {
-        /* what the kernel would refuse for sure is refused inside sendto(), as the
-           send asyncio tries at once would be: error_received() before it returns */
-        op_free(r, op);
-        if (!d->on_error)
-            return 1;
-        PyObject *exc = oserror_from(EMSGSIZE);
-        if (!exc)
-            return -1;
-        PyObject *cb = Py_NewRef(d->on_error);
-        PyObject *res = dgram_call(d, cb, &exc, 1, NULL);
-        Py_DECREF(cb);
-        Py_DECREF(exc);
-        if (!res)
-            return -1; /* raised out of sendto(), as asyncio's does */
-        Py_DECREF(res);
-        return 1;
+    if (sslen) {
+        op->addr = ss;
+        op->addrlen = sslen;
     }
     if (dgram_mark_dirty(d) < 0 || queue_push(d, op_key(op)) < 0) {
         op_free(r, op);
         return -1;
     }
     op->sock = Py_NewRef((PyObject *)d);
+    PyObject *old_ctx = NULL;
     if (d->queued == 0 && d->nsending == 0) {
         /* the transport was idle: its send-side callbacks run in a copy of this
            context, as asyncio's add_writer() at the sendto() that had to wait */
         PyObject *ctx = PyContext_CopyCurrent();
-        if (ctx)
-            Py_XSETREF(d->write_ctx, ctx);
-        else
+        if (ctx) {
+            old_ctx = d->write_ctx;
+            d->write_ctx = ctx;
+        } else {
             PyErr_Clear();
+        }
     }
     d->queued += len;
+    Py_XDECREF(old_ctx); /* last: its finalizers may run Python */
     return 0;
+dropped:
+    /* as asyncio's connected transports after the end: dropped, counted, and logged
+       from the fifth on */
+    if (d->conn_lost >= LOG_THRESHOLD_FOR_CONNLOST_WRITES && dgram_warn_cb) {
+        PyObject *res = PyObject_CallNoArgs(dgram_warn_cb);
+        if (!res)
+            return -1;
+        Py_DECREF(res);
+    }
+    d->conn_lost++;
+    return 1;
 }
 
-static PyObject *Datagram_sendto(Datagram *d, PyObject *const *args, Py_ssize_t nargs)
+static PyObject *Datagram_sendto(Datagram *d, PyObject *const *args, Py_ssize_t nargs,
+                                 PyObject *kwnames)
 {
-    if (nargs < 1 || nargs > 2) {
-        PyErr_Format(PyExc_TypeError, "sendto() takes 1 or 2 arguments (%zd given)", nargs);
+    /* sendto(data, addr=None), addr also by keyword, as asyncio's */
+    PyObject *data = NULL, *addr = Py_None;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs + nkw < 1 || nargs + nkw > 2 || nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "sendto() takes 1 or 2 arguments (%zd given)", nargs + nkw);
         return NULL;
     }
-    if (dgram_check_fork(d) < 0)
+    if (nargs >= 1)
+        data = args[0];
+    if (nargs == 2)
+        addr = args[1];
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+        PyObject *value = args[nargs + i];
+        if (PyUnicode_CompareWithASCIIString(name, "data") == 0 && !data) {
+            data = value;
+        } else if (PyUnicode_CompareWithASCIIString(name, "addr") == 0 && nargs < 2) {
+            addr = value;
+        } else {
+            PyErr_Format(PyExc_TypeError, "sendto() got an unexpected keyword argument '%U'",
+                         name);
+            return NULL;
+        }
+    }
+    if (!data) {
+        PyErr_SetString(PyExc_TypeError, "sendto() missing required argument 'data'");
         return NULL;
-    int rc = dgram_queue_one(d, args[0], nargs > 1 ? args[1] : Py_None);
+    }
+    if (!dgram_initialised(d) || dgram_check_fork(d) < 0)
+        return NULL;
+    int rc = dgram_queue_one(d, data, addr);
     if (rc < 0)
         return NULL;
     if (rc == 0)
@@ -1130,7 +1258,7 @@ static PyObject *Datagram_sendto(Datagram *d, PyObject *const *args, Py_ssize_t 
 
 static PyObject *Datagram_sendto_many(Datagram *d, PyObject *datagrams)
 {
-    if (dgram_check_fork(d) < 0)
+    if (!dgram_initialised(d) || dgram_check_fork(d) < 0)
         return NULL;
     PyObject *it = PyObject_GetIter(datagrams);
     if (!it)
@@ -1156,8 +1284,16 @@ static PyObject *Datagram_sendto_many(Datagram *d, PyObject *datagrams)
         queued |= rc == 0;
     }
     Py_DECREF(it);
-    if (queued)
-        dgram_maybe_pause(d); /* (a pause_writing() that raises still leaves them queued) */
+    if (queued) {
+        /* flow control for what was queued, with the error (if any) set aside */
+        PyObject *exc = PyErr_Occurred() ? ul_fetch_exception() : NULL;
+        dgram_maybe_pause(d);
+        if (exc) {
+            PyErr_Clear();
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+            Py_DECREF(exc);
+        }
+    }
     if (PyErr_Occurred())
         return NULL;
     return ring_return(d->ring, Py_NewRef(Py_None));
@@ -1165,21 +1301,34 @@ static PyObject *Datagram_sendto_many(Datagram *d, PyObject *datagrams)
 
 /* ------------------------------------------------------------ the Python methods */
 
+/* The protocol's callbacks, bound now. One it lacks (a duck-typed protocol) stays
+   NULL and is looked up again at each call, whose AttributeError goes where asyncio's
+   does (the loop's exception handler). */
 static int dgram_bind_protocol(Datagram *d, PyObject *protocol)
 {
     PyObject *on_datagram = PyObject_GetAttrString(protocol, "datagram_received");
-    PyObject *on_error = on_datagram ? PyObject_GetAttrString(protocol, "error_received") : NULL;
-    if (!on_error) {
-        /* asyncio's loop fails when it calls them; here: at the first datagram */
+    if (!on_datagram)
         PyErr_Clear();
-        Py_XDECREF(on_datagram);
-        Py_CLEAR(d->on_datagram);
-        Py_CLEAR(d->on_error);
-        return 0;
-    }
+    PyObject *on_error = PyObject_GetAttrString(protocol, "error_received");
+    if (!on_error)
+        PyErr_Clear();
     Py_XSETREF(d->on_datagram, on_datagram);
     Py_XSETREF(d->on_error, on_error);
+    Py_XSETREF(d->protocol, Py_NewRef(protocol));
     return 0;
+}
+
+/* A strong reference to the protocol's callback (bound, or looked up now), or NULL
+   with the lookup's error set. */
+static PyObject *dgram_callback(Datagram *d, PyObject *bound, const char *name)
+{
+    if (bound)
+        return Py_NewRef(bound);
+    if (!d->protocol) {
+        PyErr_SetString(PyExc_RuntimeError, "the transport has no protocol");
+        return NULL;
+    }
+    return PyObject_GetAttrString(d->protocol, name);
 }
 
 static int Datagram_init(Datagram *d, PyObject *args, PyObject *kwds)
@@ -1213,6 +1362,8 @@ static int Datagram_init(Datagram *d, PyObject *args, PyObject *kwds)
 
 static PyObject *Datagram_start_reading(Datagram *d, PyObject *unused)
 {
+    if (!dgram_initialised(d))
+        return NULL;
     if (dgram_check_fork(d) < 0)
         return NULL;
     if (d->closed || d->read_closed)
@@ -1279,6 +1430,8 @@ static PyObject *Datagram_pause_reading(Datagram *d, PyObject *unused)
 /* close(): no more reading, for good; the queue still goes out (notify_when_drained). */
 static PyObject *Datagram_stop_reading(Datagram *d, PyObject *unused)
 {
+    if (!d->ring)
+        Py_RETURN_NONE;
     d->read_closed = 1;
     d->reading = 0;
     Py_CLEAR(d->held);
@@ -1315,7 +1468,7 @@ static PyObject *Datagram_notify_when_drained(Datagram *d, PyObject *unused)
    objects let go of. Records keep only their memory until their final CQEs. */
 static PyObject *Datagram_close_now(Datagram *d, PyObject *unused)
 {
-    if (d->closed)
+    if (d->closed || !d->ring)
         Py_RETURN_NONE;
     d->closed = 1;
     if (!d->closing)
@@ -1350,6 +1503,7 @@ static PyObject *Datagram_close_now(Datagram *d, PyObject *unused)
     PyObject *owner = d->owner, *a = d->on_datagram, *b = d->on_error, *c = d->read_ctx,
              *w = d->write_ctx, *h = d->held;
     d->owner = d->on_datagram = d->on_error = d->read_ctx = d->write_ctx = d->held = NULL;
+    Py_CLEAR(d->protocol);
     Py_XDECREF(owner);
     Py_XDECREF(a);
     Py_XDECREF(b);
@@ -1430,6 +1584,7 @@ static int Datagram_traverse(Datagram *d, visitproc visit, void *arg)
     Py_VISIT(d->owner);
     Py_VISIT(d->on_datagram);
     Py_VISIT(d->on_error);
+    Py_VISIT(d->protocol);
     Py_VISIT(d->address);
     Py_VISIT(d->read_ctx);
     Py_VISIT(d->write_ctx);
@@ -1442,6 +1597,7 @@ static int Datagram_clear(Datagram *d)
     Py_CLEAR(d->owner);
     Py_CLEAR(d->on_datagram);
     Py_CLEAR(d->on_error);
+    Py_CLEAR(d->protocol);
     Py_CLEAR(d->address);
     Py_CLEAR(d->read_ctx);
     Py_CLEAR(d->write_ctx);
@@ -1461,7 +1617,7 @@ static void Datagram_dealloc(Datagram *d)
 }
 
 static PyMethodDef Datagram_methods[] = {
-    {"sendto", (PyCFunction)(void (*)(void))Datagram_sendto, METH_FASTCALL,
+    {"sendto", (PyCFunction)(void (*)(void))Datagram_sendto, METH_FASTCALL | METH_KEYWORDS,
      "sendto(data, addr=None): queue one datagram for the end of this loop iteration"},
     {"sendto_many", (PyCFunction)Datagram_sendto_many, METH_O,
      "sendto_many(datagrams): queue (data, addr) pairs, in order, in one call"},

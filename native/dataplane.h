@@ -339,6 +339,11 @@ int ring_enable(Ring *r);
    NULL with an exception (a callback's KeyboardInterrupt or SystemExit, a forked
    child, a ring error). */
 PyObject *ring_wait(Ring *r, double timeout, const Py_ssize_t *ready);
+/* The loop stops: what this last iteration's callbacks wrote or sent goes to the
+   kernel now (flushed and submitted, not waited for), as asyncio's write() and
+   sendto() would have sent it inside the call. Its completions are reaped by the
+   next run or by close(). -1 with an exception. */
+int ring_flush_out(Ring *r);
 
 ul_op *op_lookup(Ring *r, uint64_t key);
 ul_op *op_alloc(Ring *r, enum ul_kind kind);

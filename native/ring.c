@@ -742,6 +742,32 @@ reap_only:
     return events;
 }
 
+int ring_flush_out(Ring *r)
+{
+    if (ring_forked(r) || r->closing || r->closed)
+        return 0;
+    if (ring_enable(r) < 0)
+        return -1;
+    flush_dirty(r);
+    if (r->ndg_dirty && ring_live(r))
+        dgram_flush_dirty(r);
+    if (r->escaping) {
+        ring_take_escaping(r);
+        return -1;
+    }
+    if (!ring_live(r) || r->closing) /* (a flush callback forked or closed the loop) */
+        return PyErr_Occurred() ? -1 : 0;
+    if (io_uring_sq_ready(r->ring)) {
+        int ret = ring_submit(r, 1);
+        if (ret < 0 && ret != -EAGAIN && ret != -EBUSY && ret != -EINTR) {
+            errno = -ret;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static PyObject *Ring_wait(Ring *r, PyObject *arg)
 {
     double timeout = -1.0;

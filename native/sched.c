@@ -1377,6 +1377,8 @@ static PyObject *LoopCore__run_until_stopped(LoopCore *self, PyObject *unused)
         if (self->stopping)
             break;
     }
+    if (self->ring && ring_flush_out(self->ring) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 

@@ -364,3 +364,168 @@ def test_a_cancelled_sock_recvfrom_hands_its_datagram_to_the_next_receive():
         b.close()
 
     run(main())
+
+
+def test_unix_datagrams_keep_their_order_while_the_peer_reads_concurrently(tmp_path):
+    # a reader in another thread frees room between two sends: a batch of MSG_DONTWAIT
+    # requests would let a later datagram overtake a refused one; Unix sockets send in
+    # order with sendmsg() and wait for POLLOUT on the ring
+    import threading
+    import time
+
+    n = 2000
+    path = str(tmp_path / "r.sock")
+    rs = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rs.bind(path)
+    rs.settimeout(5)
+    out: list[int] = []
+
+    def reader():
+        try:
+            while len(out) < n:
+                out.append(struct.unpack("!I", rs.recv(1024)[:4])[0])
+                if len(out) % 7 == 0:
+                    time.sleep(0)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        t, _ = await loop.create_datagram_endpoint(Collect, remote_addr=path, family=socket.AF_UNIX)
+        for i in range(0, n, 100):
+            for j in range(i, i + 100):
+                t.sendto(struct.pack("!I", j) * 16)
+            await asyncio.sleep(0)
+        while t.get_write_buffer_size():
+            await asyncio.sleep(0.001)
+        t.close()
+        return loop._ring.datagram_stats()["send_retries"]
+
+    retries = run(main())
+    thread.join()
+    rs.close()
+    assert out == list(range(n))
+    assert retries > 0  # the peer's queue did fill up
+
+
+def test_sendto_takes_addr_by_keyword_and_sendto_many_keeps_its_error():
+    async def main():
+        loop = asyncio.get_running_loop()
+        server, sproto, client, cproto = await udp_pair()
+        plain, _ = await loop.create_datagram_endpoint(Collect, local_addr=("127.0.0.1", 0))
+        plain.sendto(b"kw", addr=server.get_extra_info("sockname"))
+        plain.sendto(data=b"kw2", addr=server.get_extra_info("sockname"))
+        with pytest.raises(TypeError):
+            plain.sendto(b"x", ("127.0.0.1", 1), 3)
+        with pytest.raises(TypeError):
+            plain.sendto(b"x", address=("127.0.0.1", 1))
+        await sproto.wait_for(2)
+        assert [d for d, _ in sproto.got] == [b"kw", b"kw2"]
+        # a bad pair after good ones: pause_writing() for what was queued, then the error
+        paused = []
+        cproto.pause_writing = lambda: paused.append(True)
+        client.set_write_buffer_limits(high=1, low=0)
+        with pytest.raises(TypeError, match="pairs"):
+            client.sendto_many([(b"aa", None), (b"bb", None), "not a pair"])
+        assert paused == [True]
+        for t in (client, server, plain):
+            t.close()
+
+    run(main())
+
+
+def test_a_protocol_without_error_received_still_gets_datagrams():
+    class Duck:
+        def __init__(self):
+            self.got = []
+
+        def connection_made(self, t):
+            self.t = t
+
+        def datagram_received(self, data, addr):
+            self.got.append(data)
+
+        def connection_lost(self, exc):
+            pass
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        handled = []
+        loop.set_exception_handler(lambda lp, ctx: handled.append(ctx.get("exception")))
+        server, duck = await loop.create_datagram_endpoint(Duck, local_addr=("127.0.0.1", 0))
+        bare, _ = await loop.create_datagram_endpoint(
+            asyncio.BaseProtocol, local_addr=("127.0.0.1", 0)
+        )
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for i in range(3):
+            sender.sendto(b"%d" % i, server.get_extra_info("sockname"))
+            sender.sendto(b"%d" % i, bare.get_extra_info("sockname"))
+        for _ in range(100):
+            if len(duck.got) == 3 and len(handled) == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert duck.got == [b"0", b"1", b"2"]
+        # as on asyncio's loop: each datagram's missing datagram_received is reported
+        assert len(handled) == 3 and all(isinstance(e, AttributeError) for e in handled)
+        sender.close()
+        server.close()
+        bare.close()
+
+    run(main())
+
+
+def test_a_sendto_in_the_last_iteration_before_stop_still_goes_out():
+    # asyncio sends inside sendto(); here the loop's stop flushes what the last
+    # iteration queued (datagrams and stream writes alike)
+    loop = uringloop.new_event_loop()
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    peer.settimeout(5)
+
+    async def main():
+        t, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            Collect, remote_addr=peer.getsockname()
+        )
+        return t
+
+    transport = loop.run_until_complete(main())
+    loop.call_soon(transport.sendto, b"last words")
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+    try:
+        assert peer.recv(100) == b"last words"
+    finally:
+        transport.abort()
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+        peer.close()
+
+
+def test_an_address_whose_port_closes_the_transport_queues_nothing():
+    class Port:
+        def __init__(self, port, transport):
+            self.port, self.transport = port, transport
+
+        def __index__(self):
+            self.transport.abort()
+            return self.port
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server, sproto = await loop.create_datagram_endpoint(Collect, local_addr=("127.0.0.1", 0))
+        client, cproto = await loop.create_datagram_endpoint(Collect, local_addr=("127.0.0.1", 0))
+        await asyncio.sleep(0)
+        records = loop._ring.stats()["records"]
+        host, port = server.get_extra_info("sockname")
+        client.sendto(b"x" * 1000, (host, Port(port, client)))
+        assert client.get_write_buffer_size() == 0
+        assert await cproto.lost is None
+        assert loop._ring.stats()["records"] <= records
+        await asyncio.sleep(0.05)
+        assert sproto.got == []
+        server.close()
+
+    run(main())

@@ -433,6 +433,10 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
         waiter: Any = None,
         extra: Any = None,
     ) -> Any:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+            # (netlink, packet, ...: addresses and sizes the native transport does not
+            # know; asyncio's readiness transport handles them as it always did)
+            return super()._make_datagram_transport(sock, protocol, address, waiter, extra)
         return RingDatagramTransport(self, sock, protocol, address, waiter, extra)
 
     # ------------------------------------------------------------ servers
