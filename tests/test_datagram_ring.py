@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
+import os
+import shutil
 import socket
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -529,3 +534,30 @@ def test_an_address_whose_port_closes_the_transport_queues_nothing():
         server.close()
 
     run(main())
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("tc") or not shutil.which("unshare"),
+    reason="needs root, tc and unshare for a rate-limited private loopback",
+)
+@pytest.mark.parametrize("zerocopy", ["never", "always"])
+def test_udp_sends_on_a_congested_socket_keep_order_and_retry_only_the_head(zerocopy):
+    # behind a 20 Mbit/s loopback with a 4 KiB send buffer most sends find no room:
+    # every datagram still arrives in sendto() order, and each POLLOUT resubmits what
+    # fits the buffer, not the whole rest of the queue (which grew quadratically)
+    child = os.path.join(os.path.dirname(os.path.abspath(__file__)), "udp_congestion_child.py")
+    script = (
+        "ip link set lo up && tc qdisc add dev lo root tbf rate 20mbit burst 20kb "
+        'latency 200ms && exec "$@"'
+    )
+    out = subprocess.run(
+        ["unshare", "-n", "sh", "-c", script, "sh", sys.executable, child, zerocopy],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["arrived"] == 400
+    assert result["out_of_order"] == 0
+    assert 0 < result["send_retries"] < 400
