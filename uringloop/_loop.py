@@ -47,7 +47,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _ring
-from ._datagram import RingDatagramTransport
+from ._datagram import DEFAULT_DGRAM_ZC_THRESHOLD, RingDatagramTransport
 from ._dataplane import LoopCore, Ring, ZeroCopyBuffer
 from ._splice import SplicePipes, splice_file_to_socket
 from ._transports import (
@@ -224,6 +224,9 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
         zc_transport_pinned_limit: int | None = None,
     ) -> None:
         try:
+            threshold_given = (
+                zc_threshold is not None or os.environ.get("URINGLOOP_ZC_THRESHOLD") is not None
+            )
             zerocopy, zc_threshold = _zerocopy_options(zerocopy, zc_threshold)
             zc_pool_size = _size_option(
                 "zc_pool_size", zc_pool_size, "URINGLOOP_ZC_POOL_SIZE", DEFAULT_ZC_POOL_SIZE
@@ -244,6 +247,8 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
             raise
         self._zerocopy = zerocopy
         self._zc_threshold = zc_threshold
+        # datagrams: the loop's threshold when one was given, else their own default
+        self._dgram_zc_threshold = zc_threshold if threshold_given else DEFAULT_DGRAM_ZC_THRESHOLD
         self._zc_linger_seconds = ZC_LINGER_SECONDS
         self._lingering: set[RingStreamTransport] = set()
         self._ring_setup: _ring.RingSetup | None = ring_setup
