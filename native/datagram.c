@@ -490,6 +490,7 @@ static void dgram_recv_complete(Ring *r, Datagram *d, ul_op *op, int res, unsign
     if (res < 0 && !d->closed) {
         if (res == -ENOBUFS) {
             /* the buffer ring ran dry: the datagrams wait in the socket */
+            r->dg_recv_enobufs++;
         } else if (res == -EAGAIN) {
             r->n_eagain++;
             d->recv_after_eagain = 1; /* rule 6 */
@@ -1619,7 +1620,8 @@ static PyObject *Datagram_get_multishot(Datagram *d, void *closure)
 
 PyObject *Ring_datagram_stats(Ring *r, PyObject *unused)
 {
-    return Py_BuildValue("{sKsKsKsKsKsO}", "recv_multishot_cqes", r->dg_recv_cqes, "received",
+    return Py_BuildValue("{sKsKsKsKsKsKsO}", "recv_enobufs", r->dg_recv_enobufs,
+                         "recv_multishot_cqes", r->dg_recv_cqes, "received",
                          r->dg_received, "sends", r->dg_sends, "zc_sends", r->dg_zc_sends,
                          "send_retries", r->dg_retries, "buffer_ring",
                          r->dg_state > 0 ? Py_True : Py_False);

@@ -239,7 +239,7 @@ typedef struct Ring {
     struct io_uring_buf_ring *dg_ring;
     char *dg_arena;
     size_t dg_map_len;
-    unsigned long long dg_recv_cqes, dg_received, dg_sends, dg_zc_sends, dg_retries;
+    unsigned long long dg_recv_cqes, dg_recv_enobufs, dg_received, dg_sends, dg_zc_sends, dg_retries;
 } Ring;
 
 typedef struct Stream {
