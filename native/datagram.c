@@ -280,31 +280,9 @@ static int dg_setup(Ring *r)
     if (!r->rx_allowed || r->closing || r->closed || ring_forked(r))
         return 0;
     r->dg_state = -1;
-    long page = sysconf(_SC_PAGESIZE);
-    size_t ring_len = DG_NBUFS * sizeof(struct io_uring_buf);
-    ring_len = (ring_len + page - 1) / page * page;
-    size_t len = ring_len + (size_t)DG_NBUFS * DG_BUFSIZE;
-    void *mem = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (mem == MAP_FAILED)
+    if (buf_ring_map(r, DG_NBUFS, DG_BUFSIZE, DG_BGID, &r->dg_ring, &r->dg_arena,
+                     &r->dg_map_len) < 0)
         return 0;
-    struct io_uring_buf_reg reg;
-    memset(&reg, 0, sizeof(reg));
-    reg.ring_addr = (uintptr_t)mem;
-    reg.ring_entries = DG_NBUFS;
-    reg.bgid = DG_BGID;
-    if (io_uring_register_buf_ring(r->ring, &reg, 0) < 0) {
-        munmap(mem, len);
-        return 0;
-    }
-    r->dg_ring = mem;
-    r->dg_arena = (char *)mem + ring_len;
-    r->dg_map_len = len;
-    io_uring_buf_ring_init(r->dg_ring);
-    int mask = io_uring_buf_ring_mask(DG_NBUFS);
-    for (unsigned i = 0; i < DG_NBUFS; i++)
-        io_uring_buf_ring_add(r->dg_ring, r->dg_arena + (size_t)i * DG_BUFSIZE, DG_BUFSIZE, i,
-                              mask, i);
-    io_uring_buf_ring_advance(r->dg_ring, DG_NBUFS);
     r->dg_state = 1;
     return 1;
 }

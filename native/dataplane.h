@@ -345,6 +345,10 @@ PyObject *ring_wait(Ring *r, double timeout, const Py_ssize_t *ready);
    next run or by close(). -1 with an exception. */
 int ring_flush_out(Ring *r);
 
+/* mmap, register (group bgid) and fill a provided buffer ring of nbufs buffers of
+   bufsize bytes; 0, or -1 (nothing kept, no exception) */
+int buf_ring_map(Ring *r, unsigned nbufs, size_t bufsize, int bgid,
+                 struct io_uring_buf_ring **ring_out, char **arena_out, size_t *len_out);
 ul_op *op_lookup(Ring *r, uint64_t key);
 ul_op *op_alloc(Ring *r, enum ul_kind kind);
 /* Must only be called once the kernel no longer references the record. */

@@ -29,6 +29,7 @@
 
 #include <errno.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -190,6 +191,40 @@ void op_free(Ring *r, ul_op *op)
         op->gen = 1;
     op->next_free = r->free_head;
     r->free_head = op->slot;
+}
+
+/* ------------------------------------------------------------ provided buffer rings */
+
+int buf_ring_map(Ring *r, unsigned nbufs, size_t bufsize, int bgid,
+                 struct io_uring_buf_ring **ring_out, char **arena_out, size_t *len_out)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    size_t ring_len = nbufs * sizeof(struct io_uring_buf);
+    ring_len = (ring_len + page - 1) / page * page;
+    size_t len = ring_len + (size_t)nbufs * bufsize;
+    void *mem = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED)
+        return -1;
+    struct io_uring_buf_reg reg;
+    memset(&reg, 0, sizeof(reg));
+    reg.ring_addr = (uintptr_t)mem;
+    reg.ring_entries = nbufs;
+    reg.bgid = (uint16_t)bgid;
+    if (io_uring_register_buf_ring(r->ring, &reg, 0) < 0) {
+        munmap(mem, len);
+        return -1;
+    }
+    struct io_uring_buf_ring *br = mem;
+    char *arena = (char *)mem + ring_len;
+    io_uring_buf_ring_init(br);
+    int mask = io_uring_buf_ring_mask(nbufs);
+    for (unsigned i = 0; i < nbufs; i++)
+        io_uring_buf_ring_add(br, arena + (size_t)i * bufsize, bufsize, i, mask, i);
+    io_uring_buf_ring_advance(br, nbufs);
+    *ring_out = br;
+    *arena_out = arena;
+    *len_out = len;
+    return 0;
 }
 
 /* ------------------------------------------------------------ submission */

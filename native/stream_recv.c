@@ -76,33 +76,11 @@ static int rx_setup(Ring *r)
     if (!r->rx_allowed || r->closing || r->closed || ring_forked(r))
         return 0; /* (not remembered: a closed ring never gets one) */
     r->rx_state = -1;
-    long page = sysconf(_SC_PAGESIZE);
-    size_t ring_len = UL_RX_NBUFS * sizeof(struct io_uring_buf);
-    ring_len = (ring_len + page - 1) / page * page;
-    size_t len = ring_len + (size_t)UL_RX_NBUFS * UL_RX_BUFSIZE;
-    void *mem = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (mem == MAP_FAILED)
+    if (buf_ring_map(r, UL_RX_NBUFS, UL_RX_BUFSIZE, UL_RX_BGID, &r->rx_ring, &r->rx_arena,
+                     &r->rx_map_len) < 0)
         return 0;
-    struct io_uring_buf_reg reg;
-    memset(&reg, 0, sizeof(reg));
-    reg.ring_addr = (uintptr_t)mem;
-    reg.ring_entries = UL_RX_NBUFS;
-    reg.bgid = UL_RX_BGID;
-    if (io_uring_register_buf_ring(r->ring, &reg, 0) < 0) {
-        munmap(mem, len);
-        return 0;
-    }
-    r->rx_ring = mem;
-    r->rx_arena = (char *)mem + ring_len;
-    r->rx_map_len = len;
     r->rx_nbufs = UL_RX_NBUFS;
     r->rx_bufsize = UL_RX_BUFSIZE;
-    io_uring_buf_ring_init(r->rx_ring);
-    int mask = io_uring_buf_ring_mask(r->rx_nbufs);
-    for (unsigned i = 0; i < r->rx_nbufs; i++)
-        io_uring_buf_ring_add(r->rx_ring, r->rx_arena + (size_t)i * r->rx_bufsize, r->rx_bufsize,
-                              i, mask, i);
-    io_uring_buf_ring_advance(r->rx_ring, r->rx_nbufs);
     r->rx_state = 1;
     return 1;
 }

@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ._dataplane import Datagram
-from ._transports import _server_detach
+from ._transports import ProtocolFlowControl, _server_detach
 
 # Python 3.12.? and later send a zero-length datagram for sendto(b''); before, nothing.
 try:
@@ -91,7 +91,9 @@ def _pack_sockaddr(family: int, addr: Any) -> bytes:
     )
 
 
-class RingDatagramTransport(transports._FlowControlMixin, transports.DatagramTransport):
+class RingDatagramTransport(
+    ProtocolFlowControl, transports._FlowControlMixin, transports.DatagramTransport
+):
     """A datagram transport whose receives and sends are io_uring requests."""
 
     max_size = 256 * 1024  # asyncio's: what one receive takes at most
@@ -342,28 +344,3 @@ class RingDatagramTransport(transports._FlowControlMixin, transports.DatagramTra
                 "protocol": self._protocol,
             }
         )
-
-    def _pause_protocol(self) -> None:
-        self._protocol_paused = True
-        self._call_flow_control("pause_writing")
-
-    def _resume_protocol(self) -> None:
-        if not self._protocol_paused:
-            return
-        self._protocol_paused = False
-        self._call_flow_control("resume_writing")
-
-    def _call_flow_control(self, name: str) -> None:
-        try:
-            getattr(self._protocol, name)()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._loop.call_exception_handler(
-                {
-                    "message": f"protocol.{name}() failed",
-                    "exception": exc,
-                    "transport": self,
-                    "protocol": self._protocol,
-                }
-            )

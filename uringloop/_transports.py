@@ -46,7 +46,46 @@ def zc_threshold_for(loop: Any, sock: socket.socket) -> int:
     return loop._zc_threshold
 
 
-class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
+class ProtocolFlowControl:
+    """pause_writing()/resume_writing() for the native halves (Stream, Datagram), which
+    call _pause_protocol/_resume_protocol when their bytes cross the water marks.
+
+    resume_writing() goes only to a protocol that was paused itself (a protocol swapped
+    in meanwhile was not; asyncio's SSLProtocol asserts on it); a callback that raises
+    goes to the loop's exception handler, as on asyncio's transports.
+    """
+
+    _protocol: Any
+    _loop: Any
+    _protocol_paused = False
+
+    def _pause_protocol(self) -> None:
+        self._protocol_paused = True
+        self._call_flow_control("pause_writing")
+
+    def _resume_protocol(self) -> None:
+        if not self._protocol_paused:
+            return
+        self._protocol_paused = False
+        self._call_flow_control("resume_writing")
+
+    def _call_flow_control(self, name: str) -> None:
+        try:
+            getattr(self._protocol, name)()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._loop.call_exception_handler(
+                {
+                    "message": f"protocol.{name}() failed",
+                    "exception": exc,
+                    "transport": self,
+                    "protocol": self._protocol,
+                }
+            )
+
+
+class RingStreamTransport(ProtocolFlowControl, transports._FlowControlMixin, transports.Transport):
     """A stream transport whose reads and writes are io_uring requests."""
 
     _start_tls_compatible = True
@@ -277,31 +316,6 @@ class RingStreamTransport(transports._FlowControlMixin, transports.Transport):
             self._force_close(exc)
             raise exc
         self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
-
-    def _pause_protocol(self) -> None:
-        self._protocol_paused = True
-        self._call_flow_control("pause_writing")
-
-    def _resume_protocol(self) -> None:
-        if not self._protocol_paused:
-            return
-        self._protocol_paused = False
-        self._call_flow_control("resume_writing")
-
-    def _call_flow_control(self, name: str) -> None:
-        try:
-            getattr(self._protocol, name)()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._loop.call_exception_handler(
-                {
-                    "message": f"protocol.{name}() failed",
-                    "exception": exc,
-                    "transport": self,
-                    "protocol": self._protocol,
-                }
-            )
 
     # ------------------------------------------------------------ teardown
 
