@@ -129,6 +129,9 @@ typedef struct Datagram {
     Py_ssize_t queued, pinned, high, low, zc_threshold;
     Py_ssize_t conn_lost; /* asyncio's _conn_lost: counts sendto() calls after the end */
     PyObject *rx_buf; /* single-shot receives: 256 KiB bytes to receive into */
+    PyObject *last_source; /* the last datagram's address tuple (dgram_note_source) */
+    struct sockaddr_storage last_source_raw;
+    socklen_t last_source_len;
 } Datagram;
 
 /* logs asyncio's "socket.send() raised exception." (set by uringloop._datagram) */
@@ -158,6 +161,7 @@ static int dgram_check_fork(Datagram *d)
 }
 
 static PyObject *dgram_callback(Datagram *d, PyObject *bound, const char *name);
+static void dgram_addr_cache_clear(Ring *r);
 
 static int dgram_initialised(Datagram *d)
 {
@@ -289,6 +293,7 @@ static int dg_setup(Ring *r)
 
 void dgram_teardown(Ring *r, int unregister)
 {
+    dgram_addr_cache_clear(r);
     if (!r->dg_ring)
         return;
     if (unregister && !ring_forked(r))
@@ -316,6 +321,73 @@ static PyObject *dgram_address(const void *name, socklen_t len)
     memset(&ss, 0, sizeof(ss));
     memcpy(&ss, name, len);
     return sockaddr_to_py(&ss, len);
+}
+
+/* A server hears from the same few peers again and again: the tuple of each IPv4 or
+   IPv6 source address is kept (a direct-mapped table per ring) and handed out again,
+   instead of a new str, int and tuple per datagram. Tuples are immutable, so sharing
+   one between datagram_received() calls is invisible but for `is`. */
+#define DG_ADDR_SLOTS 256
+#define DG_ADDR_RAW ((socklen_t)sizeof(struct sockaddr_in6))
+struct dg_addr_entry {
+    socklen_t len;
+    unsigned char raw[sizeof(struct sockaddr_in6)];
+    PyObject *tuple;
+};
+
+static uint32_t dg_addr_hash(const unsigned char *raw, socklen_t len)
+{
+    uint32_t h = 2166136261u; /* FNV-1a over the port and address bytes */
+    for (socklen_t i = 2; i < len; i++)
+        h = (h ^ raw[i]) * 16777619u;
+    return h ^ (h >> 16);
+}
+
+static PyObject *dgram_address_cached(Ring *r, const void *name, socklen_t len)
+{
+    sa_family_t family = len >= sizeof(sa_family_t) ? ((const struct sockaddr *)name)->sa_family
+                                                    : AF_UNSPEC;
+    if ((family != AF_INET && family != AF_INET6) || len > DG_ADDR_RAW)
+        return dgram_address(name, len);
+    if (!r->dg_addrs && !(r->dg_addrs = PyMem_Calloc(DG_ADDR_SLOTS, sizeof(*r->dg_addrs))))
+        return dgram_address(name, len);
+    struct dg_addr_entry *e = &r->dg_addrs[dg_addr_hash(name, len) % DG_ADDR_SLOTS];
+    if (e->tuple && e->len == len && memcmp(e->raw, name, len) == 0)
+        return Py_NewRef(e->tuple);
+    PyObject *tuple = dgram_address(name, len);
+    if (tuple && PyTuple_Check(tuple)) {
+        PyObject *old = e->tuple;
+        e->tuple = Py_NewRef(tuple);
+        e->len = len;
+        memcpy(e->raw, name, len);
+        Py_XDECREF(old); /* (a tuple of str and int: no finalizer runs) */
+    }
+    return tuple;
+}
+
+static void dgram_addr_cache_clear(Ring *r)
+{
+    if (!r->dg_addrs)
+        return;
+    for (int i = 0; i < DG_ADDR_SLOTS; i++)
+        Py_XDECREF(r->dg_addrs[i].tuple);
+    PyMem_Free(r->dg_addrs);
+    r->dg_addrs = NULL;
+}
+
+/* The last datagram's source: a reply to it (sendto(data, addr) with that very
+   tuple, what an echo or request-response protocol does) skips parsing the address. */
+static void dgram_note_source(Datagram *d, PyObject *addr, const void *name, socklen_t len)
+{
+    if (!addr || !PyTuple_Check(addr) || len > DG_ADDR_RAW || d->closed)
+        return;
+    if (d->last_source != addr) {
+        PyObject *old = d->last_source;
+        d->last_source = Py_NewRef(addr);
+        Py_XDECREF(old); /* (a tuple of str and int) */
+    }
+    memcpy(&d->last_source_raw, name, len);
+    d->last_source_len = len;
 }
 
 static int dgram_arm_recv(Datagram *d)
@@ -433,8 +505,9 @@ static void dgram_recv_complete(Ring *r, Datagram *d, ul_op *op, int res, unsign
                     void *payload = io_uring_recvmsg_payload(out, &op->msg);
                     unsigned plen = io_uring_recvmsg_payload_length(out, res, &op->msg);
                     data = PyBytes_FromStringAndSize(payload, plen);
-                    addr = dgram_address(io_uring_recvmsg_name(out),
-                                         out->namelen < DG_NAME_ROOM ? out->namelen : DG_NAME_ROOM);
+                    socklen_t nlen = out->namelen < DG_NAME_ROOM ? out->namelen : DG_NAME_ROOM;
+                    addr = dgram_address_cached(r, io_uring_recvmsg_name(out), nlen);
+                    dgram_note_source(d, addr, io_uring_recvmsg_name(out), nlen);
                 }
             }
             if (r->dg_ring)
@@ -442,7 +515,7 @@ static void dgram_recv_complete(Ring *r, Datagram *d, ul_op *op, int res, unsign
         }
     } else if (res >= 0 && !d->closed) {
         data = PyBytes_FromStringAndSize(PyBytes_AS_STRING(op->obj), res);
-        addr = dgram_address(&op->addr, op->msg.msg_namelen);
+        addr = dgram_address_cached(r, &op->addr, op->msg.msg_namelen);
     }
     if (!more) {
         op->armed = 0;
@@ -1132,7 +1205,10 @@ static int dgram_queue_one(Datagram *d, PyObject *data, PyObject *addr)
     struct sockaddr_storage ss;
     socklen_t sslen = 0;
     int closing = d->closing || !d->owner;
-    if (!closing && !d->connected && dgram_sockaddr(d, addr, &ss, &sslen) < 0) {
+    if (!closing && !d->connected && addr == d->last_source && d->last_source_len) {
+        ss = d->last_source_raw; /* a reply to the last datagram's sender */
+        sslen = d->last_source_len;
+    } else if (!closing && !d->connected && dgram_sockaddr(d, addr, &ss, &sslen) < 0) {
         /* asyncio: an OSError goes to error_received(), anything else is fatal */
         PyObject *exc = ul_fetch_exception();
         if (!exc)
@@ -1532,6 +1608,8 @@ static PyObject *Datagram_close_now(Datagram *d, PyObject *unused)
              *w = d->write_ctx, *h = d->held;
     d->owner = d->on_datagram = d->on_error = d->read_ctx = d->write_ctx = d->held = NULL;
     Py_CLEAR(d->protocol);
+    Py_CLEAR(d->last_source);
+    d->last_source_len = 0;
     Py_XDECREF(owner);
     Py_XDECREF(a);
     Py_XDECREF(b);
@@ -1627,6 +1705,7 @@ static int Datagram_clear(Datagram *d)
     Py_CLEAR(d->on_datagram);
     Py_CLEAR(d->on_error);
     Py_CLEAR(d->protocol);
+    Py_CLEAR(d->last_source);
     Py_CLEAR(d->address);
     Py_CLEAR(d->read_ctx);
     Py_CLEAR(d->write_ctx);

@@ -239,6 +239,7 @@ typedef struct Ring {
     struct io_uring_buf_ring *dg_ring;
     char *dg_arena;
     size_t dg_map_len;
+    struct dg_addr_entry *dg_addrs; /* source addresses seen lately, as their tuples */
     unsigned long long dg_recv_cqes, dg_recv_enobufs, dg_received, dg_sends, dg_zc_sends, dg_retries;
 } Ring;
 

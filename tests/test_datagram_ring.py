@@ -561,3 +561,54 @@ def test_udp_sends_on_a_congested_socket_keep_order_and_retry_only_the_head(zero
     assert result["arrived"] == 400
     assert result["out_of_order"] == 0
     assert 0 < result["send_retries"] < 400
+
+
+def test_source_addresses_stay_right_across_many_peers_and_replies_reach_them():
+    # the per-ring table of address tuples (256 slots) is overrun by 300 peers, and
+    # replies to the tuple just received take the remembered address: every peer must
+    # see its own datagram come back, and each address seen must be its sender's
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        class Echo(Collect):
+            def datagram_received(self, data, addr):
+                super().datagram_received(data, addr)
+                self.transport.sendto(data, addr)
+
+        server, sproto = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+        peers = []
+        for _ in range(300):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind(("127.0.0.1", 0))
+            s.setblocking(False)
+            peers.append(s)
+        for rounds in range(2):
+            for i, s in enumerate(peers):
+                s.sendto(b"%d" % i, server.get_extra_info("sockname"))
+                if i % 50 == 49:
+                    await sproto.wait_for(rounds * 300 + i + 1)
+            await sproto.wait_for((rounds + 1) * 300)
+        for data, addr in sproto.got:
+            assert addr == peers[int(data)].getsockname()
+        for i, s in enumerate(peers):
+            replies = []
+            for _ in range(200):
+                try:
+                    replies.append(s.recv(100))
+                except BlockingIOError:
+                    if len(replies) == 2:
+                        break
+                    await asyncio.sleep(0.005)
+            assert replies == [b"%d" % i] * 2
+            s.close()
+        # an equal tuple that is not the one received is parsed, and goes there too
+        plain = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        plain.bind(("127.0.0.1", 0))
+        plain.setblocking(False)
+        host, port = plain.getsockname()
+        server.sendto(b"parsed", (str(host), int(port)))
+        assert await asyncio.wait_for(loop.sock_recv(plain, 100), 5) == b"parsed"
+        plain.close()
+        server.close()
+
+    run(main())
