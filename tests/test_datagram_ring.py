@@ -213,7 +213,7 @@ def test_close_sends_what_is_queued_and_abort_drops_it():
         assert await cproto.lost is None
         await sproto.wait_for(10)
         assert [d for d, _ in sproto.got] == [b"%d" % i for i in range(10)]
-        _, _, client2, cproto2 = await udp_pair()
+        server2, _, client2, cproto2 = await udp_pair()
         for _ in range(10):
             client2.sendto(b"lost")
         client2.abort()
@@ -222,6 +222,7 @@ def test_close_sends_what_is_queued_and_abort_drops_it():
         client2.sendto(b"after")  # counted, dropped: no error
         await asyncio.sleep(0.05)
         server.close()
+        server2.close()
 
     run(main())
 
