@@ -6,7 +6,8 @@ usage: python -m bench [--quick] [--only micro,echo,udp,http,bulk,internals] [--
                        [--loops asyncio,uvloop,rloop,uringloop] [--no-reference]
                        [--http-servers aiohttp,uvicorn,hypercorn] [--http-conns 16,128]
                        [--bulk-sizes 4096,...] [--udp-sizes 4096,...] [--bulk-mib 512]
-                       [--udp-mib 1024] [--internals async_tree_none,...] [--out DIR]
+                       [--udp-mib 1024] [--internals async_tree_none,...]
+                       [--churn-cycles 100000] [--churn-size 4096] [--churn-conc 4] [--out DIR]
 
 `make bench` runs everything (about an hour); `--quick` a small slice of each part in
 about two minutes. Every cell runs the loops in alternating order (asyncio, uvloop,
@@ -28,6 +29,14 @@ min/max and ratios between medians of the same invocation.
   namespace made for the run (bench/netns.py, needs root): throughput and the sender's CPU
   per GiB for copying, SEND_ZC of bytes and ZeroCopyBuffers.
 - internals: pyperformance's asyncio benchmarks under each loop (bench/loop_internals.py).
+- churn (only with --only=churn, not in the default run): a soak, not a comparison.
+  --churn-cycles connect/echo/close cycles and as many connect/abort cycles against a
+  uringloop streams server, from a uringloop client in the same process and from a C
+  client (bench/churn_client.c); the server's fds, RSS, buffer-ring buffers out,
+  registered-pool and SEND_ZC bytes, requests in flight, op records, tasks and
+  transports, sampled every 2% of the run (bench/churn.py). A table of baseline (after
+  a warm-up), final and max values, a plot of each counter against cycles, and a FAIL
+  line (exit status 1) for a counter that ends above its baseline by more than its slack.
 
 Servers and senders run on CPU 0, load generators and sinks on CPU 1. Results go to
 bench/results/<date>/results-<time>.{json,md} with PNG plots beside them.
@@ -40,14 +49,16 @@ import datetime
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from . import bulk, loop_internals, netns, runners
+from . import bulk, churn, loop_internals, netns, runners
 from .loops import LOOPS
 from .report import Report, environment, progress, write
 
 HERE = Path(__file__).resolve().parent
 PARTS = ("micro", "echo", "udp", "http", "bulk", "internals")
+EXTRA_PARTS = ("churn",)  # only when named in --only
 
 FULL = {
     "rounds": 5,
@@ -66,6 +77,9 @@ FULL = {
     "bulk_mib": 512,
     "udp_mib": 1024,
     "internals": ",".join(b[0] for b in loop_internals.BENCHMARKS),
+    "churn_cycles": 100000,
+    "churn_size": 4096,
+    "churn_conc": 4,
 }
 QUICK = {
     "rounds": 3,
@@ -84,6 +98,9 @@ QUICK = {
     "bulk_mib": 64,
     "udp_mib": 64,
     "internals": ",".join(loop_internals.QUICK),
+    "churn_cycles": 10000,
+    "churn_size": 4096,
+    "churn_conc": 4,
 }
 
 
@@ -98,7 +115,9 @@ def words(text: str) -> list[str]:
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--quick", action="store_true", help="a slice of each part, ~2 minutes")
-    ap.add_argument("--only", default=",".join(PARTS), help="parts to run: " + ",".join(PARTS))
+    ap.add_argument(
+        "--only", default=",".join(PARTS), help="parts to run: " + ",".join(PARTS + EXTRA_PARTS)
+    )
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--seconds", type=float, help="timed seconds per echo/UDP/HTTP run")
     ap.add_argument("--loops", default=",".join(LOOPS))
@@ -114,7 +133,7 @@ def parse_args() -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.parts = [p for p in words(args.only) if not (p == "micro" and args.no_micro)]
-    unknown = set(args.parts) - set(PARTS)
+    unknown = set(args.parts) - set(PARTS + EXTRA_PARTS)
     if unknown:
         ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
     return args
@@ -126,7 +145,7 @@ def main() -> int:
     rounds = args.rounds
     env = environment()
     results: dict = {"environment": env, "rounds": rounds, "seconds": args.seconds}
-    results.update(micro={}, echo=[], udp=[], http=[], bulk=[], internals={}, notes=[])
+    results.update(micro={}, echo=[], udp=[], http=[], bulk=[], internals={}, churn=[], notes=[])
 
     modes, sizes, conns = words(args.modes), ints(args.sizes), ints(args.conns)
     echo_servers = list(loops)
@@ -169,6 +188,8 @@ def main() -> int:
         "bulk": rounds * (len(ints(args.bulk_sizes)) + len(udp_sizes)) * len(variants)
         + rounds * len(ints(args.file_sizes)) * len(file_variants),
         "internals": len(internals) * len(loops),
+        "churn": len(CHURN_SERIES)
+        * (1 - (-args.churn_cycles // churn.sample_every(args.churn_cycles))),
     }
     bar = progress(sum(planned[p] for p in args.parts))
     report = Report(echo=bar.write)
@@ -397,11 +418,89 @@ def main() -> int:
                 done()
             results["internals"][name] = report.row(name, per_loop, "s", False)
 
+    failures = 0
+    if "churn" in args.parts:
+        failures = run_churn(args, results, report, bar)
+
     bar.close()
     out_dir = args.out or HERE / "results" / datetime.date.today().isoformat()
     json_path, md_path = write(results, report, out_dir, sys.argv[1:])
     print(f"results written to {json_path} and {md_path}")
-    return 0
+    return 1 if failures else 0
+
+
+# (where the client runs, kind of cycle)
+CHURN_SERIES = (("uringloop", "echo"), ("uringloop", "abort"), ("C", "echo"), ("C", "abort"))
+
+
+def run_churn(args: argparse.Namespace, results: dict, report: Report, bar) -> int:
+    """The churn soak: its samples, table and FAIL lines; returns the number of FAILs."""
+    cycles, size, conc = args.churn_cycles, args.churn_size, args.churn_conc
+    every = churn.sample_every(cycles)
+    client = runners.build("churn_client", ("-pthread",))
+    report.table(
+        f"connection churn, {cycles:,} cycles per series, {size} B echoes, {conc} at a time "
+        "(server counters)",
+        ["counter", "baseline", "final", "max", "allowed growth", ""],
+    )
+    failures = 0
+    for where, kind in CHURN_SERIES:
+        name = kind + (" from the C client" if where == "C" else " from a uringloop client")
+        bar.set_description(f"churn {name}")
+        t0 = time.monotonic()
+        if where == "uringloop":
+            runs = ((s, None) for s in runners.churn_inproc(kind, cycles, every, size, conc))
+        else:
+            runs = runners.churn_c_client(client, kind, cycles, every, size, conc)
+        samples: list[dict] = []
+        for samples, _ in runs:  # noqa: B007 (the last one is the whole run)
+            bar.update(1)
+        seconds = time.monotonic() - t0
+        base_cycle, rows = churn.flatness(samples, cycles)
+        ends = samples[-1]["ends"]
+        results["churn"].append(
+            {
+                "client": where,
+                "kind": kind,
+                "cycles": cycles,
+                "seconds": seconds,
+                "baseline_cycle": base_cycle,
+                "server_ends": ends,
+                "flatness": rows,
+                "samples": samples,
+            }
+        )
+        label = f"{name} ({cycles / seconds:,.0f} cycles/s, baseline at cycle {base_cycle:,})"
+        for row in rows:
+            unit = f" {row['unit']}" if row["unit"] else ""
+            verdict = "ok" if row["ok"] else "**FAIL**"
+            report.cells(
+                label,
+                [
+                    row["counter"],
+                    f"{row['baseline']:,}{unit}",
+                    f"{row['final']:,}{unit}",
+                    f"{row['max']:,}{unit}",
+                    f"{row['slack']:,}{unit}",
+                    verdict,
+                ],
+            )
+            label = ""
+            if not row["ok"]:
+                failures += 1
+                line = (
+                    f"FAIL churn {name}: {row['counter']} ended at {row['final']:,}{unit}, "
+                    f"{row['final'] - row['baseline']:+,}{unit} from its baseline "
+                    f"{row['baseline']:,}{unit} at cycle {base_cycle:,} "
+                    f"(allowed: +{row['slack']:,}{unit})"
+                )
+                bar.write(line)
+                results["notes"].append(line)
+        bar.write(
+            f"churn {name}: server ends {ends}; "
+            + ("flat" if all(r["ok"] for r in rows) else "NOT flat")
+        )
+    return failures
 
 
 if __name__ == "__main__":

@@ -91,6 +91,19 @@ class Report:
         ]
         self.echo("\n".join(self.lines[-3:]))
 
+    def table(self, title: str, columns: list[str]) -> None:
+        """A table of plain cells (no medians, no ratios): rows come from cells()."""
+        self.lines += [
+            "",
+            f"| {title} | " + " | ".join(columns) + " |",
+            "|---|" + "---|" * len(columns),
+        ]
+        self.echo("\n".join(self.lines[-3:]))
+
+    def cells(self, name: str, cells: list[str]) -> None:
+        self.lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        self.echo(self.lines[-1])
+
     def row(self, name: str, per: dict[str, list[float]], unit: str, higher_is_better=True):
         stats = {k: summarize(v) for k, v in per.items() if v}
         med = {k: s["median"] for k, s in stats.items()}
@@ -261,6 +274,54 @@ def plot(results: dict, out_dir: Path, stamp: str) -> list[Path]:
         ax.set_title("pyperformance asyncio benchmarks")
         ax.legend(fontsize=8)
         save(fig, "internals")
+
+    churn = results.get("churn", [])
+    if churn:
+        counters = [
+            name
+            for name in (
+                "fds",
+                "rss_kib",
+                "recv_buffers_out",
+                "datagram_buffers_out",
+                "zerocopy_buffer_bytes",
+                "pinned_bytes",
+                "inflight",
+                "records",
+                "tasks",
+                "transports",
+            )
+            if any(name in series["samples"][-1] for series in churn)
+        ]
+        ncols = 5
+        nrows = -(-len(counters) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows), squeeze=False)
+        for i, name in enumerate(counters):
+            ax = axes[i // ncols][i % ncols]
+            for series in churn:
+                samples = [s for s in series["samples"] if name in s]
+                scale = 1024 if name == "rss_kib" else 1
+                ax.plot(
+                    [s["cycle"] for s in samples],
+                    [s[name] / scale for s in samples],
+                    color=LOOP_COLORS[
+                        "uringloop" if series["client"] == "uringloop" else "c-liburing"
+                    ],
+                    linestyle="-" if series["kind"] == "echo" else "--",
+                    marker=".",
+                    markersize=3,
+                    label=f"{series['kind']}, {series['client']} client",
+                )
+                ax.axvline(series["baseline_cycle"], color="black", linewidth=0.5, linestyle=":")
+            ax.set_title("RSS (MiB)" if name == "rss_kib" else name, fontsize=9)
+            ax.set_xlabel("cycles", fontsize=8)
+            ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+            ax.grid(alpha=0.3)
+        for j in range(len(counters), nrows * ncols):
+            axes[j // ncols][j % ncols].set_visible(False)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle("connection churn: server counters (dotted line: baseline after warm-up)")
+        save(fig, "churn")
     return files
 
 

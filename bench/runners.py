@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -230,6 +231,72 @@ def run_http(loop: str, server_name: str, path: str, conns: int, seconds: float)
     result = parse_wrk(out.stdout)
     result["server_cpu_us_per_req"] = (cpu1 - cpu0) * 1e6 / max(result["rps"] * duration, 1)
     return result
+
+
+def churn_inproc(kind: str, cycles: int, every: int, size: int, conc: int):
+    """Churn with both ends on uringloop in one process (CPU 0).
+
+    Yields the samples so far after each one the process prints (every `every` cycles).
+    """
+    argv = [sys.executable, "-m", "bench.churn", "inproc", f"--kind={kind}"]
+    argv += [f"--cycles={cycles}", f"--every={every}", f"--size={size}", f"--conc={conc}"]
+    err = tempfile.TemporaryFile("w+")  # (a pipe left unread could fill and stall it)
+    proc = subprocess.Popen(
+        pinned(0, argv), stdout=subprocess.PIPE, stderr=err, text=True, cwd=HERE.parent
+    )
+    samples: list[dict] = []
+    try:
+        for line in proc.stdout:
+            samples.append(json.loads(line))
+            yield samples
+        if proc.wait() or not samples or samples[-1]["cycle"] != cycles:
+            err.seek(0)
+            raise RuntimeError(f"churn {kind} in one process failed: {err.read().strip()[-1500:]}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        err.close()
+
+
+def churn_sample(port: str, expected: int) -> dict:
+    """The churn server's counters, once it has seen `expected` connections end."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", int(port)), timeout=60) as s:
+        s.sendall(f"?{expected}\n".encode())
+        reply = b""
+        while not reply.endswith(b"\n"):
+            more = s.recv(65536)
+            if not more:
+                raise RuntimeError(f"the churn server closed the control connection: {reply!r}")
+            reply += more
+    return json.loads(reply)
+
+
+def churn_c_client(client: Path, kind: str, cycles: int, every: int, size: int, conc: int):
+    """Churn from the C client (CPU 1) against a uringloop churn server (CPU 0).
+
+    The client runs in chunks of `every` cycles; after each the server is asked for its
+    counters. Yields (samples so far, the client's last result) after every chunk.
+    """
+    argv = [sys.executable, "-m", "bench.churn", "serve", "--loop=uringloop"]
+    with server_on_cpu0(argv, "uringloop churn server") as (server, port):
+        done = 0
+        samples = [{"cycle": 0, **churn_sample(port, 0)}]
+        yield samples, None
+        while done < cycles:
+            chunk = min(every, cycles - done)
+            cmd = [str(client), "127.0.0.1", port, kind, str(chunk), str(size), str(conc)]
+            out = subprocess.run(
+                pinned(1, [*cmd, str(done)]), capture_output=True, text=True, timeout=600
+            )
+            if out.returncode:
+                raise RuntimeError(f"churn client failed: {out.stderr.strip()[-500:]}")
+            done += chunk
+            samples.append({"cycle": done, **churn_sample(port, done)})
+            yield samples, json.loads(out.stdout)
 
 
 def reference_server_available(name: str = "ring_echo_server") -> bool:

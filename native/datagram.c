@@ -305,6 +305,7 @@ void dgram_teardown(Ring *r, int unregister)
 
 static void dg_recycle(Ring *r, uint32_t bid)
 {
+    r->dg_bufs_out--;
     io_uring_buf_ring_add(r->dg_ring, r->dg_arena + (size_t)bid * DG_BUFSIZE, DG_BUFSIZE, bid,
                           io_uring_buf_ring_mask(DG_NBUFS), 0);
     io_uring_buf_ring_advance(r->dg_ring, 1);
@@ -498,6 +499,7 @@ static void dgram_recv_complete(Ring *r, Datagram *d, ul_op *op, int res, unsign
         r->dg_recv_cqes++;
         if (flags & IORING_CQE_F_BUFFER) {
             uint32_t bid = flags >> IORING_CQE_BUFFER_SHIFT;
+            r->dg_bufs_out++;
             if (res > 0 && !d->closed && r->dg_arena) {
                 char *buf = r->dg_arena + (size_t)bid * DG_BUFSIZE;
                 struct io_uring_recvmsg_out *out = io_uring_recvmsg_validate(buf, res, &op->msg);
@@ -967,8 +969,10 @@ void dgram_retire(Ring *r, ul_op *op, int res, unsigned flags)
 {
     Datagram *d = (Datagram *)op->sock;
     if (op->kind == UL_DGRAM_RECV) {
-        if (op->multi && (flags & IORING_CQE_F_BUFFER) && r->dg_ring)
+        if (op->multi && (flags & IORING_CQE_F_BUFFER) && r->dg_ring) {
+            r->dg_bufs_out++;
             dg_recycle(r, flags >> IORING_CQE_BUFFER_SHIFT);
+        }
         if (op->multi && (flags & IORING_CQE_F_MORE) && !op->nopped)
             return;
         if (op_key(op) == d->recv_key)
@@ -1676,11 +1680,11 @@ static PyObject *Datagram_get_multishot(Datagram *d, void *closure)
 
 PyObject *Ring_datagram_stats(Ring *r, PyObject *unused)
 {
-    return Py_BuildValue("{sKsKsKsKsKsKsO}", "recv_enobufs", r->dg_recv_enobufs,
+    return Py_BuildValue("{sKsKsKsKsKsKsOsL}", "recv_enobufs", r->dg_recv_enobufs,
                          "recv_multishot_cqes", r->dg_recv_cqes, "received",
                          r->dg_received, "sends", r->dg_sends, "zc_sends", r->dg_zc_sends,
                          "send_retries", r->dg_retries, "buffer_ring",
-                         r->dg_state > 0 ? Py_True : Py_False);
+                         r->dg_state > 0 ? Py_True : Py_False, "buffers_out", r->dg_bufs_out);
 }
 
 /* ------------------------------------------------------------ the type */

@@ -213,6 +213,9 @@ typedef struct Ring {
     unsigned long long zc_sends, zc_bytes, zc_notifications, zc_copied, copy_fallback;
     unsigned long long copy_sends, copy_bytes;
     unsigned long long rx_cqes, rx_deliveries, rx_enobufs;
+    /* buffers of the stream / datagram buffer rings that completions handed us and
+       that are not back in their ring yet (a leak detector: 0 between batches) */
+    long long rx_bufs_out, dg_bufs_out;
     /* KeyboardInterrupt/SystemExit raised by a callback: raised once the batch is
        done (or at once, by the method that ran the callback outside a batch) */
     PyObject *escaping;

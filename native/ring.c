@@ -932,6 +932,7 @@ static PyObject *Ring_close(Ring *r, PyObject *arg)
     for (i = 0; i < r->nrx_ready; i++) {
         Stream *s = (Stream *)r->rx_ready[i];
         s->rx_ready = 0;
+        r->rx_bufs_out -= s->nsegs;
         s->nsegs = 0; /* their buffers go with the buffer ring */
         if (!r->graveyard || PyList_Append(r->graveyard, (PyObject *)s) < 0)
             PyErr_Clear();
@@ -956,7 +957,7 @@ static PyObject *Ring_stats(Ring *r, PyObject *unused)
     uint32_t live = 0;
     for (uint32_t i = 1; i < r->nops; i++)
         live += r->ops[i]->kind != UL_FREE;
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsIsIsKsKsKsOsK}", "enters", r->n_enter,
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsIsIsKsKsKsOsKsL}", "enters", r->n_enter,
                          "enters_skipped", r->n_enter_skipped, "cqes", r->n_cqe,
                          "sqes", r->n_sqe, "stray_cqes", r->n_stray, "cancelled_before_submit",
                          r->n_nopped, "eagain_resubmits", r->n_eagain, "cancel_retries",
@@ -964,7 +965,7 @@ static PyObject *Ring_stats(Ring *r, PyObject *unused)
                          "recv_multishot_cqes", r->rx_cqes, "recv_deliveries", r->rx_deliveries,
                          "recv_enobufs", r->rx_enobufs, "recv_buffer_ring",
                          r->rx_state > 0 ? Py_True : Py_False, "recv_spare_reuses",
-                         r->rx_spare_reuses);
+                         r->rx_spare_reuses, "recv_buffers_out", r->rx_bufs_out);
 }
 
 static PyObject *Ring_zerocopy_stats(Ring *r, PyObject *unused)

@@ -98,6 +98,7 @@ void rx_teardown(Ring *r, int unregister)
 
 static void rx_recycle(Ring *r, uint32_t bid, int *count)
 {
+    r->rx_bufs_out--;
     io_uring_buf_ring_add(r->rx_ring, r->rx_arena + (size_t)bid * r->rx_bufsize, r->rx_bufsize,
                           bid, io_uring_buf_ring_mask(r->rx_nbufs), (*count)++);
 }
@@ -425,6 +426,7 @@ static void stream_recv_multishot(Ring *r, Stream *s, ul_op *op, int res, unsign
     r->rx_cqes++;
     if (flags & IORING_CQE_F_BUFFER) {
         uint32_t bid = flags >> IORING_CQE_BUFFER_SHIFT;
+        r->rx_bufs_out++;
         if (res <= 0 || s->closed || stream_add_segment(r, s, bid, res) < 0) {
             int c = 0;
             rx_recycle(r, bid, &c);
@@ -641,6 +643,7 @@ void stream_recv_retire(Ring *r, Stream *s, ul_op *op, int res, unsigned flags)
 {
     if (op->multi && (flags & IORING_CQE_F_BUFFER) && r->rx_ring) {
         int c = 0;
+        r->rx_bufs_out++;
         rx_recycle(r, flags >> IORING_CQE_BUFFER_SHIFT, &c);
         io_uring_buf_ring_advance(r->rx_ring, c);
     }

@@ -102,3 +102,37 @@ def test_bench_udp_echo_part(tmp_path):
     text = page.read_text()
     assert "| UDP echo |" in text and "uringloop / uvloop" in text
     assert "uringloop / c-liburing" in text and "udp echo 1024 B x4 datagrams/s" in text
+
+
+def test_bench_churn_part(tmp_path):
+    """The churn soak, cut to 600 cycles a series: four series (a uringloop client and
+    the C client, echo and abort), every counter flat, a table and a plot of them."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--only=churn", "--churn-cycles=600", f"--out={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "FAIL" not in proc.stdout
+    (result,) = tmp_path.glob("results-*.json")
+    data = json.loads(result.read_text())
+    series = {(s["client"], s["kind"]): s for s in data["churn"]}
+    assert set(series) == {(c, k) for c in ("uringloop", "C") for k in ("echo", "abort")}
+    for (client, kind), s in series.items():
+        # a sample every 100 cycles, taken once every connection had ended on the server
+        assert [x["cycle"] for x in s["samples"]] == list(range(0, 601, 100))
+        assert all(x["settled"] for x in s["samples"]), (client, kind)
+        ends = s["server_ends"]
+        if kind == "echo":
+            assert ends["echo"] == 600, (client, ends)
+        else:  # a third each: reset by the client, aborted by the server, plain close
+            assert ends["client_reset"] == ends["server_abort"] == ends["eof"] == 200, ends
+        rows = {r["counter"]: r for r in s["flatness"]}
+        assert {"fds", "rss_kib", "recv_buffers_out", "inflight", "records"} <= set(rows)
+        assert all(r["ok"] for r in rows.values()), (client, kind, rows)
+    assert data["plots"] == [p for p in data["plots"] if p.startswith("churn-")] != []
+    assert (tmp_path / data["plots"][0]).stat().st_size > 0
+    text = next(tmp_path.glob("results-*.md")).read_text()
+    assert "| connection churn, 600 cycles per series" in text and "![churn-" in text
