@@ -281,6 +281,11 @@ typedef struct Stream {
     uint8_t sendfile_active; /* loop.sendfile() owns the socket's send side */
     int rx_res;              /* the ended recv's final result (0 EOF, -errno) */
     int held_end;            /* while paused: 1 EOF, -errno an error, after the held data */
+    /* bytes received that the protocol never got because the transport closed first
+       (held while paused, or brought by a receive that ended after close_now): on
+       asyncio's loop they would be unread in the socket, and close() resets it */
+    Py_ssize_t dropped;
+    uint8_t recv_over_wanted; /* closed: owner._stream_recv_over() once the recv ends */
     struct rx_seg {
         uint32_t bid, len;
     } *segs;
@@ -315,6 +320,7 @@ extern PyObject *str_set_result, *str_set_exception, *str_done;
 extern PyObject *str_data_received, *str_get_buffer, *str_buffer_updated;
 extern PyObject *str_stream_eof, *str_stream_error, *str_stream_flushed, *str_protocol_error;
 extern PyObject *str_pause_protocol, *str_resume_protocol, *str_stream_unpinned, *str_is_closed;
+extern PyObject *str_stream_recv_over;
 extern PyObject *str_fileno;
 extern PyObject *ul_minus_one;
 
@@ -438,6 +444,7 @@ void stream_maybe_pause_writing(Stream *s);
 void stream_maybe_resume_writing(Stream *s);
 /* A SEND_ZC notification brought the stream's lent memory to zero after close. */
 void stream_unpinned(Stream *s);
+void stream_recv_over(Stream *s);
 /* completion of a stream record, normal and while closing (rule 3) */
 void stream_complete(Ring *r, ul_op *op, int res, unsigned flags);
 void stream_retire(Ring *r, ul_op *op, int res, unsigned flags);

@@ -14,6 +14,7 @@ PyObject *str_set_result, *str_set_exception, *str_done;
 PyObject *str_data_received, *str_get_buffer, *str_buffer_updated;
 PyObject *str_stream_eof, *str_stream_error, *str_stream_flushed, *str_protocol_error;
 PyObject *str_pause_protocol, *str_resume_protocol, *str_stream_unpinned, *str_is_closed;
+PyObject *str_stream_recv_over;
 PyObject *str_fileno;
 PyObject *ul_minus_one;
 
@@ -81,7 +82,8 @@ PyMODINIT_FUNC PyInit__dataplane(void)
         intern(&str_protocol_error, "_protocol_error") ||
         intern(&str_pause_protocol, "_pause_protocol") ||
         intern(&str_resume_protocol, "_resume_protocol") ||
-        intern(&str_stream_unpinned, "_stream_unpinned") || intern(&str_is_closed, "is_closed") ||
+        intern(&str_stream_unpinned, "_stream_unpinned") ||
+        intern(&str_stream_recv_over, "_stream_recv_over") || intern(&str_is_closed, "is_closed") ||
         intern(&str_fileno, "fileno"))
         return NULL;
     if (!(ul_minus_one = PyLong_FromLong(-1)))

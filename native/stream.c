@@ -172,7 +172,25 @@ void stream_unpinned(Stream *s)
         return;
     Py_INCREF(owner);
     stream_owner_call(s, str_stream_unpinned, NULL, NULL);
-    if (s->closed)
+    if (s->closed && !s->recv_armed)
+        Py_CLEAR(s->owner);
+    Py_DECREF(owner);
+}
+
+/* A closed stream's receive has ended (its final CQE is in, the bytes it brought are
+   counted in dropped): the transport may now close the socket, reset if anything was
+   dropped. Then nothing of the application is needed any more, unless memory is still
+   lent (stream_unpinned lets go of the owner then). */
+void stream_recv_over(Stream *s)
+{
+    if (!s->closed || s->recv_armed || !s->owner)
+        return;
+    PyObject *owner = Py_NewRef(s->owner);
+    if (s->recv_over_wanted) {
+        s->recv_over_wanted = 0;
+        stream_owner_call(s, str_stream_recv_over, NULL, NULL);
+    }
+    if (s->pinned == 0)
         Py_CLEAR(s->owner);
     Py_DECREF(owner);
 }
@@ -344,6 +362,8 @@ static PyObject *Stream_set_sendfile_active(Stream *s, PyObject *flag)
 static void stream_release_app(Stream *s)
 {
     Py_CLEAR(s->wbuf);
+    if (s->held)
+        s->dropped += PyBytes_GET_SIZE(s->held);
     Py_CLEAR(s->held);
     s->held_end = 0;
     Py_CLEAR(s->on_data);
@@ -352,8 +372,10 @@ static void stream_release_app(Stream *s)
     Py_CLEAR(s->proto_error);
     Py_CLEAR(s->read_ctx);
     Py_CLEAR(s->write_ctx);
-    if (s->pinned == 0)
-        Py_CLEAR(s->owner); /* else stream_unpinned() still tells it, then drops it */
+    /* else stream_unpinned() or stream_recv_over() still tell it, then drop it (a
+       forked child's requests are the parent's: it never hears of them) */
+    if ((s->pinned == 0 && !s->recv_armed) || ring_forked(s->ring))
+        Py_CLEAR(s->owner);
 }
 
 static PyObject *Stream_close_now(Stream *s, PyObject *unused)
@@ -417,6 +439,22 @@ static PyObject *Stream_get_holding(Stream *s, void *c)
     return PyBool_FromLong(s->held != NULL || s->held_end != 0);
 }
 
+static PyObject *Stream_get_dropped_bytes(Stream *s, void *c)
+{
+    return PyLong_FromSsize_t(s->dropped);
+}
+
+/* notify_when_recv_over() on a closed stream: True when a receive is still in the
+   kernel (it may yet bring bytes; owner._stream_recv_over() follows when it ends),
+   False when the socket may close now. */
+static PyObject *Stream_notify_when_recv_over(Stream *s, PyObject *unused)
+{
+    if (!s->closed || !s->recv_armed || !s->owner || ring_forked(s->ring) || s->ring->closed)
+        Py_RETURN_FALSE;
+    s->recv_over_wanted = 1;
+    Py_RETURN_TRUE;
+}
+
 static int Stream_traverse(Stream *s, visitproc visit, void *arg)
 {
     Py_VISIT(s->ring);
@@ -475,6 +513,8 @@ static PyMethodDef Stream_methods[] = {
     {"set_eof", (PyCFunction)Stream_set_eof, METH_NOARGS, "refuse further writes"},
     {"set_sendfile_active", (PyCFunction)Stream_set_sendfile_active, METH_O,
      "while true, write() raises RuntimeError: loop.sendfile() owns the send side"},
+    {"notify_when_recv_over", (PyCFunction)Stream_notify_when_recv_over, METH_NOARGS,
+     "closed: whether a receive is still in the kernel (owner._stream_recv_over() follows)"},
     {"close_now", (PyCFunction)Stream_close_now, METH_NOARGS,
      "stop all I/O: write out what the kernel takes at once, cancel, drop the application"},
     {"set_protocol", (PyCFunction)Stream_set_protocol, METH_VARARGS, NULL},
@@ -497,6 +537,8 @@ static PyGetSetDef Stream_getset[] = {
     {"forked", (getter)Stream_get_forked, NULL, "True in a child forked after the loop was made"},
     {"holding", (getter)Stream_get_holding, NULL,
      "whether data or an EOF read while paused waits for start_reading()"},
+    {"dropped_bytes", (getter)Stream_get_dropped_bytes, NULL,
+     "bytes received that the protocol never got because the transport closed first"},
     {NULL},
 };
 

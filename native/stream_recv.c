@@ -179,8 +179,10 @@ static int stream_deliver(Stream *s, PyObject *data)
     Py_ssize_t off = 0, n = PyBytes_GET_SIZE(data);
     int swaps = 0;
     while (off < n) {
-        if (s->closed)
-            return 0; /* aborted meanwhile: nobody reads the rest */
+        if (s->closed) {
+            s->dropped += n - off; /* aborted meanwhile: nobody reads the rest */
+            return 0;
+        }
         if (!s->reading || s->held)
             return stream_hold(s, data, off);
         if (s->proto_error) {
@@ -433,6 +435,8 @@ static void stream_recv_multishot(Ring *r, Stream *s, ul_op *op, int res, unsign
             io_uring_buf_ring_advance(r->rx_ring, c);
             if (res > 0 && !s->closed) /* data we cannot keep: the stream cannot go on intact */
                 stream_owner_error(s, ENOMEM, s->read_ctx);
+            else if (res > 0)
+                s->dropped += res;
         }
     }
     if (flags & IORING_CQE_F_MORE)
@@ -456,6 +460,8 @@ static void stream_recv_multishot(Ring *r, Stream *s, ul_op *op, int res, unsign
         }
     }
     op_free(r, op);
+    if (s->closed && !s->nsegs)
+        stream_recv_over(s); /* (with segments of this batch: after rx_deliver_one drops them) */
 }
 
 /* Copy this batch's segments into bytes objects of at most RX_MERGE_MAX bytes
@@ -484,7 +490,9 @@ static void rx_deliver_one(Ring *r, Stream *s)
             total += s->segs[j++].len;
         } while (j < s->nsegs && total + s->segs[j].len <= RX_MERGE_MAX);
         PyObject *data = NULL;
-        if (!s->closed && !failed && !(data = PyBytes_FromStringAndSize(NULL, total)))
+        if (s->closed)
+            s->dropped += total;
+        else if (!failed && !(data = PyBytes_FromStringAndSize(NULL, total)))
             failed = 1;
         char *p = data ? PyBytes_AS_STRING(data) : NULL;
         int c = 0;
@@ -513,9 +521,15 @@ static void rx_deliver_one(Ring *r, Stream *s)
     if (failed) {
         if (!s->closed)
             stream_read_failed(s); /* the protocol raised, or no memory: cannot go on intact */
+        else
+            stream_recv_over(s);
         return;
     }
-    if (!ended || s->closed)
+    if (s->closed) {
+        stream_recv_over(s); /* (nothing when the receive is still in the kernel) */
+        return;
+    }
+    if (!ended)
         return;
     int res = s->rx_res;
     if (res == 0 || (res != -ENOBUFS && res != -ECANCELED && res != -EAGAIN))
@@ -604,7 +618,10 @@ void stream_recv_complete(Ring *r, Stream *s, ul_op *op, int res, unsigned flags
     if (op_key(op) == s->recv_key)
         s->recv_armed = 0;
     if (s->closed) {
+        if (res > 0)
+            s->dropped += res;
         op_free(r, op);
+        stream_recv_over(s);
         return;
     }
     if (res > 0) {

@@ -121,6 +121,8 @@ class RingStreamTransport(ProtocolFlowControl, transports._FlowControlMixin, tra
         self._conn_lost = 0
         self._paused = False
         self._abortive = False
+        # closed while a receive was still in the kernel: the socket waits for its end
+        self._sock_after_recv: socket.socket | None = None
         self._lingering: socket.socket | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
         self._empty_waiter: asyncio.Future | None = None
@@ -320,6 +322,27 @@ class RingStreamTransport(ProtocolFlowControl, transports._FlowControlMixin, tra
     # ------------------------------------------------------------ teardown
 
     def _close_socket(self, sock: socket.socket) -> None:
+        """Close once no receive of this transport is left in the kernel.
+
+        A receive still there (its cancel goes with close_now(), and on COOP_TASKRUN
+        rings completes an iteration later) may yet take bytes from the socket that the
+        protocol will never get; on asyncio's loop they would be unread in the socket
+        and its close() would reset the connection. So the socket waits for the
+        receive's end (_stream_recv_over), then closes as _close_socket_now says.
+        """
+        if self._stream.notify_when_recv_over():
+            self._sock_after_recv = sock
+            self._loop._lingering.add(self)
+            return
+        self._close_socket_now(sock)
+
+    def _stream_recv_over(self) -> None:
+        sock, self._sock_after_recv = self._sock_after_recv, None
+        if sock is not None:
+            self._loop._lingering.discard(self)
+            self._close_socket_now(sock)
+
+    def _close_socket_now(self, sock: socket.socket) -> None:
         """Close now, unless SEND_ZC memory still waits for its notifications.
 
         Those wait for the peer's ACK: keep the connection until they are in (the
@@ -328,13 +351,17 @@ class RingStreamTransport(ProtocolFlowControl, transports._FlowControlMixin, tra
         peer sees is what close() shows it on any loop: a socket with unread data is
         reset now (the kernel's close() does that too, and frees the memory with it);
         otherwise the end of the stream (FIN) goes now, only the descriptor waits.
+        Bytes the ring received that the protocol never got (held while it paused
+        reading, or taken by a receive that ended after close) count as unread: they
+        reset the connection too, asked for with SO_LINGER 0 since the kernel saw them
+        read.
         """
-        if not self._stream.pinned:
+        if self._stream.dropped_bytes or _unread_bytes(sock):
+            _reset_and_close(sock)
+        elif not self._stream.pinned:
             sock.close()
         elif self._abortive:
             _reset_and_close(sock)
-        elif _unread_bytes(sock):
-            sock.close()
         else:
             try:
                 sock.shutdown(socket.SHUT_WR)
@@ -371,6 +398,10 @@ class RingStreamTransport(ProtocolFlowControl, transports._FlowControlMixin, tra
 
     def _reset_for_loop_close(self) -> None:
         """loop.close(): no iteration will wait for the notifications any more."""
+        sock, self._sock_after_recv = self._sock_after_recv, None
+        if sock is not None:  # (the ring's close ends the receive)
+            self._loop._lingering.discard(self)
+            self._close_socket_now(sock)
         if self._linger_timer is not None:
             self._linger_timer.cancel()
         self._linger_expired()
