@@ -3,8 +3,9 @@
 #
 #   make example     run the example echo server on uringloop
 #   make test        the whole suite: Python 3.11 and 3.13, the native code under
-#                    AddressSanitizer + UBSan, and a subset of CPython's asyncio tests
-#                    on uringloop (what CI runs)
+#                    AddressSanitizer + UBSan, a subset of CPython's asyncio tests on
+#                    uringloop, and the ring tests as on Linux 5.19 and 6.1 (what CI runs)
+#   make test-emulated  the ring tests under URINGLOOP_EMULATE_KERNEL (EMULATED_KERNELS=...)
 #   make compat      CPython's asyncio tests, asyncio vs uvloop vs uringloop, 3.11 and 3.12
 #   make test-quick  the suite on one interpreter (PYTHON=...)
 #   make fuzz        the stream-transport fuzzer on the sanitizer build (FUZZ_COUNT=...)
@@ -71,14 +72,30 @@ ASAN_RUN = LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" PYTHONMALLOC=malloc 
 	rm -rf build
 	touch $@
 
+# The tests that drive the ring (uringloop's cases of them: -k UL_CASES).
+RING_TESTS = test_ring.py test_sock_api.py test_loop_api.py test_entrypoints.py test_transports.py \
+	test_servers.py test_zerocopy_buffers.py test_sendfile.py test_processes.py \
+	test_datagram.py test_datagram_ring.py test_tls.py test_loop_close.py test_protocol_switch.py \
+	test_reentrancy.py test_contextvars.py test_fuzz_findings.py test_scheduler.py \
+	test_restricted_ring.py
+UL_CASES = uringloop or not (asyncio or uvloop)
+
 test-asan: .venv-asan/ready
 	cd tests && $(ASAN_RUN) ../.venv-asan/bin/python -m pytest -p no:cacheprovider \
-		-k "uringloop or not (asyncio or uvloop)" \
-		test_ring.py test_sock_api.py test_loop_api.py test_entrypoints.py test_transports.py \
-		test_servers.py test_zerocopy_buffers.py test_sendfile.py test_processes.py \
-		test_datagram.py test_datagram_ring.py test_tls.py test_loop_close.py test_protocol_switch.py \
-		test_reentrancy.py test_contextvars.py test_fuzz_findings.py test_scheduler.py
+		-k "$(UL_CASES)" $(RING_TESTS)
 	$(MAKE) fuzz-ci
+
+# The same tests as the loop runs them on older kernels: URINGLOOP_EMULATE_KERNEL hides
+# from the probe and the set-up ladder what those releases lack (uringloop/_ring.py).
+# 5.19: COOP_TASKRUN, single-shot receives, copied sends; 6.1: DEFER_TASKRUN, multishot
+# receives, still copied sends (SEND_ZC usage reports came in 6.2).
+EMULATED_KERNELS ?= 5.19 6.1
+test-emulated: .venv-main/ready
+	cd tests && for v in $(EMULATED_KERNELS); do \
+		echo "== the ring tests as on Linux $$v"; \
+		URINGLOOP_EMULATE_KERNEL=$$v ../.venv-main/bin/python -m pytest -p no:cacheprovider -q \
+			-k "$(UL_CASES)" $(RING_TESTS) || exit 1; \
+	done
 
 # The stream fuzzer (tests/fuzz_streams.py) on the sanitizer build. fuzz-ci is CI's
 # slice: a fixed seed, a fresh random seed (printed, with a replay command on failure)
@@ -121,7 +138,7 @@ compat-quick: .venv-main/ready
 	.venv-main/bin/python tests/cpython_compat.py --retarget --loop uringloop \
 		--modules $(COMPAT_QUICK_MODULES) --expect-pass --known-failures tests/cpython_compat.md
 
-test: test-311 test-313 test-asan compat-quick
+test: test-311 test-313 test-asan compat-quick test-emulated
 
 bench: .venv-main/ready
 	.venv-main/bin/python -m bench

@@ -116,12 +116,20 @@ int io_uring_register_buffers(struct io_uring *ring, const struct iovec *iovecs,
                               unsigned nr_iovecs);
 int io_uring_unregister_buffers(struct io_uring *ring);
 int io_uring_register_ring_fd(struct io_uring *ring);
+int io_uring_register(unsigned int fd, unsigned int opcode, const void *arg,
+                      unsigned int nr_args);
 
 /* trial requests: flags the opcode probe cannot see (0 = works, -errno otherwise) */
 int ul_try_send_zc_report_usage(struct io_uring *ring);
 int ul_try_recv_multishot(struct io_uring *ring);
 int ul_try_buf_ring(struct io_uring *ring);
 int ul_try_multishot_accept(struct io_uring *ring);
+
+/* IORING_REGISTER_RESTRICTIONS on a ring still disabled: only what the loop uses
+   (0, or -errno: EINVAL from a kernel without restrictions, EBUSY once enabled) */
+int ul_restrict_ring(struct io_uring *ring);
+/* one request of this opcode, every other field zero; the res of its CQE (tests, info) */
+int ul_submit_bare_opcode(struct io_uring *ring, int opcode);
 """
 
 SOURCE = r"""
@@ -254,6 +262,75 @@ out_close:
 out:
     io_uring_unregister_buf_ring(ring, 9);
     munmap(br, 4096);
+    return ret;
+}
+
+/* What the loop's ring may be asked to do once enabled. Keep in step with the data
+   plane (the native units): a request outside this list completes with -EACCES, so the
+   suite, which runs on restricted rings, fails at once when one is missing.
+   - opcodes: every io_uring_prep_* the data plane calls (POLL_ADD for readiness and
+     the self-pipe, NOP for wake-ups, the socket requests, ASYNC_CANCEL for cancel and
+     cancel_fd, SPLICE for sendfile); TIMEOUT only where the kernel lacks EXT_ARG and
+     liburing puts the wait's timeout in an SQE;
+   - SQE flags: BUFFER_SELECT (receives from a buffer ring), IO_LINK (splice pairs);
+   - register operations: the zero-copy arena (buffers), buffer rings, enabling. */
+static const unsigned char ul_allowed_ops[] = {
+    IORING_OP_NOP,    IORING_OP_POLL_ADD,     IORING_OP_SENDMSG, IORING_OP_RECVMSG,
+    IORING_OP_ACCEPT, IORING_OP_ASYNC_CANCEL, IORING_OP_SEND,    IORING_OP_RECV,
+    IORING_OP_SPLICE, IORING_OP_SEND_ZC,
+};
+static const unsigned char ul_allowed_register_ops[] = {
+    IORING_REGISTER_BUFFERS,  IORING_UNREGISTER_BUFFERS,   IORING_REGISTER_PBUF_RING,
+    IORING_UNREGISTER_PBUF_RING, IORING_REGISTER_ENABLE_RINGS,
+};
+
+int ul_restrict_ring(struct io_uring *ring)
+{
+    struct io_uring_restriction res[32];
+    unsigned n = 0, i;
+    memset(res, 0, sizeof(res));
+    for (i = 0; i < sizeof(ul_allowed_ops); i++) {
+        res[n].opcode = IORING_RESTRICTION_SQE_OP;
+        res[n++].sqe_op = ul_allowed_ops[i];
+    }
+    if (!(ring->features & IORING_FEAT_EXT_ARG)) {
+        res[n].opcode = IORING_RESTRICTION_SQE_OP;
+        res[n++].sqe_op = IORING_OP_TIMEOUT;
+    }
+    for (i = 0; i < sizeof(ul_allowed_register_ops); i++) {
+        res[n].opcode = IORING_RESTRICTION_REGISTER_OP;
+        res[n++].register_op = ul_allowed_register_ops[i];
+    }
+    res[n].opcode = IORING_RESTRICTION_SQE_FLAGS_ALLOWED;
+    res[n++].sqe_flags = IOSQE_BUFFER_SELECT | IOSQE_IO_LINK;
+    /* (the raw call: Debian's liburing 2.3 does not export io_uring_register_restrictions) */
+    return io_uring_register(ring->ring_fd, IORING_REGISTER_RESTRICTIONS, res, n);
+}
+
+int ul_submit_bare_opcode(struct io_uring *ring, int opcode)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
+    struct io_uring_cqe *cqe;
+    int ret;
+    if (!sqe)
+        return -EBUSY;
+    memset(sqe, 0, sizeof(*sqe));
+    sqe->opcode = (unsigned char)opcode;
+    sqe->fd = -1;
+    sqe->user_data = 0x5ea1ed;
+    ret = io_uring_submit(ring);
+    if (ret < 0)
+        return ret;
+    for (;;) {
+        ret = io_uring_wait_cqe(ring, &cqe);
+        if (ret < 0)
+            return ret;
+        if (cqe->user_data == 0x5ea1ed)
+            break;
+        io_uring_cqe_seen(ring, cqe); /* (an idle ring's caller accepts losing others) */
+    }
+    ret = cqe->res;
+    io_uring_cqe_seen(ring, cqe);
     return ret;
 }
 

@@ -21,7 +21,21 @@ def info() -> int:
     except UringUnavailableError as exc:
         print(f"io_uring: unavailable\n  {exc.strerror}")
         return 1
+    except ValueError as exc:  # a bad URINGLOOP_EMULATE_KERNEL
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print("io_uring: available")
+    if features.emulated_kernel:
+        print(
+            f"emulating Linux {features.emulated_kernel} (URINGLOOP_EMULATE_KERNEL): "
+            "what that release lacks is reported missing and left unused:"
+        )
+        kinds: dict[str, list[str]] = {}
+        for item in features.hidden:
+            kind, _, name = item.rpartition(" ")
+            kinds.setdefault(kind or item, []).append(name if kind else "")
+        for kind, names in kinds.items():
+            print(f"  leaves out {kind}s: {' '.join(n for n in names if n)}".rstrip(": "))
     print("setup flags accepted by this kernel:")
     for name, ok in features.setup_flags.items():
         print(f"  {name:<14} {_yes(ok)}")
@@ -48,14 +62,28 @@ def info() -> int:
     print(f"  SQ/CQ entries            {ring['sq_entries']}/{ring['cq_entries']}")
     if ring["refused"]:
         print(f"  refused with EINVAL      {', '.join(ring['refused'])}")
+    restricted = "yes (only the opcodes, flags and registrations it uses)"
+    print(f"  restricted               {restricted if ring['restricted'] else 'no'}")
     print("loop features in use:")
     print("  waiting for I/O          io_uring_enter (one per loop iteration)")
     print("  readiness (add_reader)   POLL_ADD on the ring, level-triggered")
     print("  sock_recv/sendall/...    RECV, SEND, ACCEPT on the ring; connect() polled")
-    print("  stream transports        multishot RECV from a buffer ring, batched SEND")
-    zc = "SEND_ZC for large writes" if features.send_zc else "no (copied sends)"
+    recv = (
+        "multishot RECV from a buffer ring"
+        if features.recv_multishot
+        else "single-shot RECV (no multishot receive here)"
+    )
+    print(f"  stream transports        {recv}, batched SEND")
+    print(f"  datagram transports      {recv.replace('RECV', 'RECVMSG')}, SENDMSG")
+    if features.send_zc and features.send_zc_report_usage:
+        zc = "SEND_ZC for large writes"
+    elif features.send_zc:
+        zc = "no (SEND_ZC without usage reports, which came in 6.2: copied sends)"
+    else:
+        zc = "no (copied sends)"
     print(f"  zero-copy sends          {zc}")
-    print("  servers                  multishot ACCEPT; sockets handed in: POLL + accept()")
+    accept = "multishot ACCEPT" if features.multishot_accept else "ACCEPT, one per connection"
+    print(f"  servers                  {accept}; sockets handed in: POLL + accept()")
     print("  sendfile                 SPLICE file -> pipe -> socket")
     print("  child processes          POLL on a pidfd")
     return 0

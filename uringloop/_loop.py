@@ -590,6 +590,8 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
             "sq_entries": s.sq_entries,
             "cq_entries": s.cq_entries,
             "refused": [rung for rung, _ in s.refused],
+            "restricted": s.restricted,
+            "emulated_kernel": _ring.probe().emulated_kernel,
             **self._ring.stats(),
         }
 

@@ -18,6 +18,16 @@ Facts this module relies on (see shared/notes/kernel-facts.md for sources):
 - Opcodes are probed with IORING_REGISTER_PROBE; request flags the probe cannot see
   (SEND_ZC usage reports, multishot recv, provided buffer rings, multishot accept) are
   tried once per process on a throwaway ring.
+- IORING_REGISTER_RESTRICTIONS (5.10) is accepted only while the ring is still disabled
+  (R_DISABLED, also 5.10, on every rung) and takes effect when it is enabled: from then
+  on a request with an opcode or SQE flag outside the list completes with -EACCES and a
+  register operation outside it fails with EACCES. It narrows what a process that gets
+  hold of the ring fd, or a bug of ours, can ask of the kernel through this ring; it does
+  not make the kernel's own io_uring code any safer, and other rings of the process are
+  not affected.
+- URINGLOOP_EMULATE_KERNEL=X.Y makes the probe and the set-up ladder pretend the kernel
+  is release X.Y: every feature newer than that (table below) is reported missing, so
+  the loop takes the paths it would take there. It hides features, it cannot add any.
 """
 
 from __future__ import annotations
@@ -37,6 +47,21 @@ SQ_ENTRIES = 1024
 # Two CQEs per zero-copy send and a multishot stream per socket: keep the CQ roomy,
 # since multishot requests end when the CQ overflows.
 CQ_ENTRIES = 8 * SQ_ENTRIES
+
+
+def _cq_entries(sq_entries: int) -> int:
+    """The CQ size: URINGLOOP_CQ_ENTRIES (a power of two) sets a smaller one, for tests
+    that overflow it on purpose (the SQ is then no larger)."""
+    value = os.environ.get("URINGLOOP_CQ_ENTRIES")
+    if not value:
+        return max(CQ_ENTRIES, sq_entries * 2)
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 8 or n & (n - 1):
+        raise ValueError(f"URINGLOOP_CQ_ENTRIES={value!r}: a power of two of at least 8")
+    return n
 
 # Kernel ABI opcode numbers (include/uapi/linux/io_uring.h); names past the end of
 # this table are printed by number.
@@ -72,10 +97,13 @@ SETUP_LADDER: tuple[tuple[str, int], ...] = (
     ),
     (
         "COOP_TASKRUN|SUBMIT_ALL",
-        lib.IORING_SETUP_COOP_TASKRUN | lib.IORING_SETUP_TASKRUN_FLAG | lib.IORING_SETUP_SUBMIT_ALL,
+        lib.IORING_SETUP_COOP_TASKRUN
+        | lib.IORING_SETUP_TASKRUN_FLAG
+        | lib.IORING_SETUP_SUBMIT_ALL
+        | lib.IORING_SETUP_R_DISABLED,
     ),
-    ("SUBMIT_ALL", lib.IORING_SETUP_SUBMIT_ALL),
-    ("plain", 0),
+    ("SUBMIT_ALL", lib.IORING_SETUP_SUBMIT_ALL | lib.IORING_SETUP_R_DISABLED),
+    ("plain", lib.IORING_SETUP_R_DISABLED),
 )
 
 SETUP_FLAG_NAMES = {
@@ -98,6 +126,98 @@ FEATURE_NAMES = {
     "CQE_SKIP": lib.IORING_FEAT_CQE_SKIP,
     "LINKED_FILE": lib.IORING_FEAT_LINKED_FILE,
 }
+
+
+# --------------------------------------------------------------- older kernels, emulated
+# The first release with each io_uring feature the loop uses or reports (the kernel's
+# history of include/uapi/linux/io_uring.h; the io_uring_setup(2), io_uring_enter(2)
+# and io_uring_register(2) man pages say "since Linux X.Y").
+OLDEST_EMULATED_KERNEL = (5, 19)  # the oldest release the loop supports (cancel by fd)
+
+SETUP_FLAG_SINCE: dict[str, tuple[int, int]] = {
+    "CQSIZE": (5, 5),
+    "CLAMP": (5, 6),
+    "R_DISABLED": (5, 10),
+    "SUBMIT_ALL": (5, 18),
+    "COOP_TASKRUN": (5, 19),
+    "TASKRUN_FLAG": (5, 19),
+    "SINGLE_ISSUER": (6, 0),
+    "DEFER_TASKRUN": (6, 1),
+}
+RING_FEATURE_SINCE: dict[str, tuple[int, int]] = {
+    "SINGLE_MMAP": (5, 4),
+    "NODROP": (5, 5),
+    "SUBMIT_STABLE": (5, 5),
+    "FAST_POLL": (5, 7),
+    "EXT_ARG": (5, 11),
+    "NATIVE_WORKERS": (5, 12),
+    "CQE_SKIP": (5, 17),
+    "LINKED_FILE": (5, 17),
+}
+# request features found by trial, and restrictions
+REQUEST_FEATURE_SINCE: dict[str, tuple[int, int]] = {
+    "registered_buffers": (5, 1),
+    "restrictions": (5, 10),
+    "multishot_accept": (5, 19),
+    "provided_buffer_rings": (5, 19),
+    "send_zc": (6, 0),
+    "recv_multishot": (6, 0),
+    "send_zc_report_usage": (6, 2),
+}
+_OPCODES_BY_RELEASE = {
+    (5, 1): "NOP READV WRITEV FSYNC READ_FIXED WRITE_FIXED POLL_ADD POLL_REMOVE",
+    (5, 2): "SYNC_FILE_RANGE",
+    (5, 3): "SENDMSG RECVMSG",
+    (5, 4): "TIMEOUT",
+    (5, 5): "TIMEOUT_REMOVE ACCEPT ASYNC_CANCEL LINK_TIMEOUT CONNECT",
+    (5, 6): "FALLOCATE OPENAT CLOSE FILES_UPDATE STATX READ WRITE FADVISE MADVISE SEND RECV "
+    "OPENAT2 EPOLL_CTL",
+    (5, 7): "SPLICE PROVIDE_BUFFERS REMOVE_BUFFERS",
+    (5, 8): "TEE",
+    (5, 11): "SHUTDOWN RENAMEAT UNLINKAT",
+    (5, 15): "MKDIRAT SYMLINKAT LINKAT",
+    (5, 18): "MSG_RING",
+    (5, 19): "FSETXATTR SETXATTR FGETXATTR GETXATTR SOCKET URING_CMD",
+    (6, 0): "SEND_ZC",
+    (6, 1): "SENDMSG_ZC",
+    (6, 7): "READ_MULTISHOT WAITID FUTEX_WAIT FUTEX_WAKE FUTEX_WAITV",
+    (6, 8): "FIXED_FD_INSTALL",
+    (6, 9): "FTRUNCATE",
+    (6, 11): "BIND LISTEN",
+    (6, 15): "RECV_ZC EPOLL_WAIT READV_FIXED WRITEV_FIXED",
+    (6, 16): "PIPE",
+}
+OPCODE_SINCE: dict[str, tuple[int, int]] = {
+    name: release for release, names in _OPCODES_BY_RELEASE.items() for name in names.split()
+}
+
+
+def emulated_kernel() -> tuple[int, int] | None:
+    """The release URINGLOOP_EMULATE_KERNEL asks for ("5.19", "6.1.0"), or None.
+
+    Raises ValueError for a malformed value or one older than the loop supports.
+    """
+    value = os.environ.get("URINGLOOP_EMULATE_KERNEL", "").strip()
+    if not value:
+        return None
+    parts = value.split(".")
+    try:
+        release = (int(parts[0]), int(parts[1]))
+    except (IndexError, ValueError):
+        raise ValueError(
+            f"URINGLOOP_EMULATE_KERNEL={value!r}: expected a kernel release like 5.19 or 6.1"
+        ) from None
+    if release < OLDEST_EMULATED_KERNEL:
+        oldest = ".".join(map(str, OLDEST_EMULATED_KERNEL))
+        raise ValueError(
+            f"URINGLOOP_EMULATE_KERNEL={value!r}: uringloop needs Linux {oldest} or newer"
+        )
+    return release
+
+
+def _newer(since: tuple[int, int] | None, release: tuple[int, int] | None) -> bool:
+    """Whether a feature of this release is hidden by the emulation (unknown: hidden)."""
+    return release is not None and (since is None or since > release)
 
 
 class UringUnavailableError(OSError):
@@ -165,6 +285,7 @@ class RingSetup:
     cq_entries: int
     rung: str
     refused: list[tuple[str, int]] = field(default_factory=list)
+    restricted: bool = False  # IORING_REGISTER_RESTRICTIONS applied (see ul_restrict_ring)
 
     @property
     def flag_names(self) -> list[str]:
@@ -194,13 +315,26 @@ def create_ring(setup: str = "auto", sq_entries: int = SQ_ENTRIES) -> RingSetup:
     Raises UringUnavailableError when io_uring itself is refused.
     """
     refused: list[tuple[str, int]] = []
+    emulated = emulated_kernel()
+    cq_entries = _cq_entries(sq_entries)
+    sq_entries = min(sq_entries, cq_entries)
     for rung, flags in _ladder(setup):
+        if any(
+            flags & SETUP_FLAG_NAMES[name] and _newer(since, emulated)
+            for name, since in SETUP_FLAG_SINCE.items()
+            if name in SETUP_FLAG_NAMES
+        ):
+            refused.append((rung, errno.EINVAL))  # as that kernel would answer
+            continue
         ring = ffi.new("struct io_uring *")
         params = ffi.new("struct io_uring_params *")
         params.flags = flags | lib.IORING_SETUP_CQSIZE
-        params.cq_entries = max(CQ_ENTRIES, sq_entries * 2)
+        params.cq_entries = cq_entries
         ret = lib.io_uring_queue_init_params(sq_entries, ring, params)
         if ret == 0:
+            if emulated is not None:  # the ring reports the features of that release
+                ring.features &= _emulated_mask(RING_FEATURE_SINCE, FEATURE_NAMES, emulated)
+                params.features = ring.features
             return RingSetup(
                 ring=ring,
                 flags=params.flags,
@@ -209,6 +343,7 @@ def create_ring(setup: str = "auto", sq_entries: int = SQ_ENTRIES) -> RingSetup:
                 cq_entries=params.cq_entries,
                 rung=rung,
                 refused=refused,
+                restricted=_restrict(ring, params.flags),
             )
         if ret != -errno.EINVAL:
             raise explain_setup_error(-ret)
@@ -216,6 +351,31 @@ def create_ring(setup: str = "auto", sq_entries: int = SQ_ENTRIES) -> RingSetup:
     raise UringUnavailableError(
         errno.EINVAL, "io_uring_setup refused every set-up flag combination (EINVAL)"
     )
+
+
+def _emulated_mask(since: dict[str, tuple[int, int]], bits: dict[str, int], release) -> int:
+    """Every bit of `bits` except those newer than the emulated release."""
+    mask = ~0
+    for name, bit in bits.items():
+        if _newer(since.get(name), release):
+            mask &= ~bit
+    return mask & 0xFFFFFFFF
+
+
+def _restrict(ring: object, flags: int) -> bool:
+    """Register the loop's allow-list on a ring still disabled; whether it took.
+
+    URINGLOOP_RESTRICT_RING=0 leaves the ring unrestricted (to tell, when something is
+    refused with EACCES, whether the list is the cause). A kernel without restrictions
+    (or an emulated one older than 5.10) runs the ring unrestricted.
+    """
+    if not flags & lib.IORING_SETUP_R_DISABLED:
+        return False
+    if os.environ.get("URINGLOOP_RESTRICT_RING", "1") == "0":
+        return False
+    if _newer(REQUEST_FEATURE_SINCE["restrictions"], emulated_kernel()):
+        return False
+    return lib.ul_restrict_ring(ring) == 0
 
 
 def destroy_ring(setup: RingSetup, forked: bool = False) -> None:
@@ -245,6 +405,10 @@ class Features:
     recv_multishot: bool
     provided_buffer_rings: bool
     registered_buffers: bool
+    # URINGLOOP_EMULATE_KERNEL: the release emulated ("5.19"), and what this kernel has
+    # that the emulation hides (set-up flags, ring features, opcodes, request features)
+    emulated_kernel: str | None = None
+    hidden: tuple[str, ...] = ()
 
     def has(self, opcode: str) -> bool:
         return opcode in self.opcodes
@@ -304,7 +468,7 @@ def probe() -> Features:
         registered = _try_register_buffers(ring)
     finally:
         lib.io_uring_queue_exit(ring)
-    return Features(
+    features = Features(
         kernel=platform.release(),
         opcodes=frozenset(opcodes),
         setup_flags=flags,
@@ -315,6 +479,49 @@ def probe() -> Features:
         recv_multishot=recv_multishot,
         provided_buffer_rings=buf_rings,
         registered_buffers=registered,
+    )
+    emulated = emulated_kernel()
+    return features if emulated is None else _as_on(features, emulated)
+
+
+def _as_on(real: Features, release: tuple[int, int]) -> Features:
+    """What the probe would have found on that release: the real findings, less what
+    came later."""
+    hidden: list[str] = []
+
+    def keep(kind: str, name: str, since: tuple[int, int] | None) -> bool:
+        if _newer(since, release):
+            hidden.append(f"{kind} {name}")
+            return False
+        return True
+
+    setup_flags = {
+        name: ok and keep("set-up flag", name, SETUP_FLAG_SINCE.get(name))
+        for name, ok in real.setup_flags.items()
+    }
+    ring_features = tuple(
+        n for n in real.ring_features if keep("ring feature", n, RING_FEATURE_SINCE.get(n))
+    )
+    opcodes = frozenset(o for o in sorted(real.opcodes) if keep("opcode", o, OPCODE_SINCE.get(o)))
+    requests = {
+        name: getattr(real, name) and keep("request feature", name, since)
+        for name, since in REQUEST_FEATURE_SINCE.items()
+        if name != "restrictions"
+    }
+    # (features built on others go with them: a real 6.0 probe finds no multishot
+    # receive without buffer rings, and no usage reports without SEND_ZC)
+    requests["recv_multishot"] &= requests["provided_buffer_rings"]
+    requests["send_zc_report_usage"] &= requests["send_zc"]
+    if _newer(REQUEST_FEATURE_SINCE["restrictions"], release):
+        hidden.append("restrictions")
+    return Features(
+        kernel=real.kernel,
+        opcodes=opcodes,
+        setup_flags=setup_flags,
+        ring_features=ring_features,
+        emulated_kernel=f"{release[0]}.{release[1]}",
+        hidden=tuple(hidden),
+        **requests,
     )
 
 
