@@ -36,6 +36,7 @@ import logging
 import operator
 import os
 import selectors
+import signal
 import socket
 import stat
 import sys
@@ -1020,6 +1021,22 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
             transp._reset_empty_waiter()
             if resume_reading:
                 transp.resume_reading()
+
+    # ------------------------------------------------------------ signals
+
+    def add_signal_handler(self, sig: int, callback: Callable[..., object], *args: Any) -> None:
+        """asyncio's, with the wake-up fd set as uvloop sets it: a byte that does not
+        fit in the full self-pipe is dropped without a report.
+
+        CPython reports such a byte by calling Py_AddPendingCall from inside its C
+        signal handler, which takes the pending-calls lock; a signal that lands on
+        the main thread while it holds that lock (running the pending calls) then
+        deadlocks the process. A storm of signals faster than the loop drains the
+        socket pair does that (tests/test_threads_signals.py). The handler call of a
+        dropped byte is lost either way: asyncio runs one per byte it reads.
+        """
+        super().add_signal_handler(sig, callback, *args)
+        signal.set_wakeup_fd(self._csock.fileno(), warn_on_full_buffer=False)
 
     # ------------------------------------------------------------ subprocesses
 
