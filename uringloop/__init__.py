@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 from ._dataplane import ZeroCopyBuffer
@@ -138,22 +138,35 @@ def install(*, fallback: bool | None = None) -> None:
 
 def run(main: Coroutine[Any, Any, _T], *, debug: bool | None = None) -> _T:
     """Run a coroutine on a new uringloop loop, like asyncio.run()."""
+
+    def loop_factory() -> UringEventLoop:
+        try:
+            return new_event_loop()
+        except BaseException:
+            # (io_uring refused: main never starts, and must not be reported as a
+            # "coroutine ... was never awaited" on top of the error)
+            if asyncio.iscoroutine(main):
+                main.close()
+            raise
+
     if sys.version_info >= (3, 12):
-        return asyncio.run(main, debug=debug, loop_factory=new_event_loop)
+        return asyncio.run(main, debug=debug, loop_factory=loop_factory)
     if sys.version_info >= (3, 11):
-        with asyncio.Runner(debug=debug, loop_factory=new_event_loop) as runner:
+        with asyncio.Runner(debug=debug, loop_factory=loop_factory) as runner:
             return runner.run(main)
-    return _run_310(main, debug)
+    return _run_310(main, debug, loop_factory)
 
 
-def _run_310(main: Coroutine[Any, Any, _T], debug: bool | None) -> _T:
+def _run_310(
+    main: Coroutine[Any, Any, _T], debug: bool | None, loop_factory: Callable[[], UringEventLoop]
+) -> _T:
     from asyncio.runners import _cancel_all_tasks  # type: ignore[attr-defined]
 
     if asyncio.events._get_running_loop() is not None:
         raise RuntimeError("uringloop.run() cannot be called from a running event loop")
     if not asyncio.iscoroutine(main):
         raise ValueError(f"a coroutine was expected, got {main!r}")
-    loop = new_event_loop()
+    loop = loop_factory()
     try:
         asyncio.set_event_loop(loop)
         if debug is not None:

@@ -97,6 +97,31 @@ def _poll_mask(events: int) -> int:
     return mask
 
 
+def _check_pollable(fd: int) -> None:
+    """Raise what epoll_ctl(2) raises from asyncio's selector for an fd it cannot watch.
+
+    A POLL_ADD on a closed fd fails only in its completion, and one on a regular file
+    or a directory succeeds at once and for ever, so register() would return as if
+    all was well: EBADF and EPERM here instead, as add_reader() raises on asyncio's loop.
+    """
+    mode = os.fstat(fd).st_mode  # OSError(EBADF) for a closed fd
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+
+def _descriptor_free(sock: socket.socket) -> bool:
+    """Whether this process may open one more descriptor under its RLIMIT_NOFILE now.
+
+    (dup() takes the lowest free number below the limit, as accept() does.)
+    """
+    try:
+        fd = os.dup(sock.fileno())
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
 class RingSelector(selectors._BaseSelectorImpl):  # type: ignore[name-defined]
     """The selector interface over POLL_ADD requests on the loop's ring."""
 
@@ -108,6 +133,7 @@ class RingSelector(selectors._BaseSelectorImpl):  # type: ignore[name-defined]
     def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
         key = super().register(fileobj, events, data)
         try:
+            _check_pollable(key.fd)
             self._poll_keys[key.fd] = self._ring.poll_add(key.fd, _poll_mask(events))
         except BaseException:
             super().unregister(fileobj)
@@ -525,7 +551,12 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
         arm()
 
     def _accept_failed(self, sock: socket.socket, err: int, rearm: Any) -> None:
-        if err in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+        if err == errno.EMFILE and _descriptor_free(sock):
+            # The kernel read RLIMIT_NOFILE when the ACCEPT was prepared; the limit
+            # has been raised since (accept() would not fail now): arm it again, and
+            # the new request reads the new limit.
+            self.call_soon(rearm)
+        elif err in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
             # like asyncio: out of resources, try again in a moment
             self.call_exception_handler(
                 {
@@ -700,11 +731,12 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
         if self._recv_backlog and (chunk := await self._take_backlog(sock, n)) is not None:
             return chunk
         fd = sock.fileno()
-        self._ensure_fd_no_transport(fd)
         try:
             return sock.recv(n)
         except (BlockingIOError, InterruptedError):
             pass
+        # (only a call that must wait is refused a transport's socket, as on asyncio)
+        self._ensure_fd_no_transport(fd)
         fut = self.create_future()
         key = self._ring.recv(fd, n, fut, sock)
         try:
@@ -723,11 +755,11 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
                 view[: len(chunk)] = chunk
                 return len(chunk)
         fd = sock.fileno()
-        self._ensure_fd_no_transport(fd)
         try:
             return sock.recv_into(buf)
         except (BlockingIOError, InterruptedError):
             pass
+        self._ensure_fd_no_transport(fd)
         fut = self.create_future()
         key = self._ring.recv_into(fd, buf, 0, fut, sock)
         try:
@@ -833,7 +865,6 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
         with IORING_OP_SEND requests, resubmitted in C after short sends."""
         self._check_sock(sock)
         fd = sock.fileno()
-        self._ensure_fd_no_transport(fd)
         try:
             sent = sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -841,6 +872,8 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
         view = memoryview(data)
         if sent == view.nbytes:
             return
+        # (as on asyncio: what went at once went, even on a transport's socket)
+        self._ensure_fd_no_transport(fd)
         fut = self.create_future()
         key = self._ring.sendall(fd, data, fut, sent, sock)
         try:
@@ -859,7 +892,13 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
         self._check_sock(sock)
         # A ZeroCopyBuffer goes to the ring as itself: it is lent, and from the arena
         # it is sent from the fixed buffer. Anything else is held through a view.
-        payload = data if isinstance(data, ZeroCopyBuffer) else memoryview(data).cast("B")
+        if isinstance(data, ZeroCopyBuffer):
+            payload = data
+        else:
+            payload = memoryview(data)
+            if not payload.c_contiguous:  # (what sock.send() raises; cast() says TypeError)
+                raise BufferError("memoryview: underlying buffer is not C-contiguous")
+            payload = payload.cast("B")
         size = len(payload)
         if not self._ring.zc_supported or sock.family == socket.AF_UNIX:
             await self.sock_sendall(sock, payload)
@@ -921,8 +960,17 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
             raise OSError(err, f"Connect call failed {address}")
 
     async def sock_accept(self, sock: socket.socket) -> tuple[socket.socket, Any]:
-        """Accept one connection: IORING_OP_ACCEPT."""
+        """Accept one connection: at once when one is waiting (one accept(2), as on
+        asyncio's loop, which also honours a socket's timeout), else IORING_OP_ACCEPT."""
         self._check_sock(sock)
+        try:
+            conn, address = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            pass
+        else:
+            conn.setblocking(False)
+            return conn, address
+        self._ensure_fd_no_transport(sock.fileno())
         fut = self.create_future()
         key = self._ring.accept(sock.fileno(), fut, sock)
         try:

@@ -10,7 +10,6 @@ the decisions that are rare: EOF, errors, close, abort, write_eof.
 from __future__ import annotations
 
 import asyncio
-import errno
 import fcntl
 import inspect
 import socket
@@ -20,7 +19,7 @@ import warnings
 from asyncio import base_events, constants, futures, transports, trsock
 from typing import Any
 
-from ._dataplane import Stream
+from ._dataplane import Stream, ZeroCopyBuffer
 
 # Zero-copy only pays for large writes. Measured with UDP into a dead-end veth (the
 # only route on a NIC-less machine where the kernel really skips the copy; `python -m
@@ -192,8 +191,19 @@ class RingStreamTransport(ProtocolFlowControl, transports._FlowControlMixin, tra
         self._stream.write(data)
 
     def writelines(self, list_of_data: Any) -> None:
+        """All or nothing, as on asyncio's loop (which joins the items, or takes each as
+        a memoryview, before it writes): every item is taken as a buffer first, so a
+        bad one raises before any is written; any bytes-like item is accepted."""
+        items = [
+            data
+            if isinstance(data, (bytes, bytearray, memoryview, ZeroCopyBuffer))
+            else memoryview(data)
+            for data in list_of_data
+        ]
         write = self._stream.write
-        for data in list_of_data:
+        if not items:
+            write(b"")  # raises what write() raises (after write_eof(), during a sendfile)
+        for data in items:
             write(data)
 
     def can_write_eof(self) -> bool:
@@ -416,9 +426,9 @@ class RingStreamTransport(ProtocolFlowControl, transports._FlowControlMixin, tra
             _reset_and_close(sock)
 
     def _fatal_error(self, exc: BaseException, message: str) -> None:
-        if isinstance(exc, OSError) and (
-            isinstance(exc, ConnectionError) or exc.errno in (errno.EPIPE, errno.ECONNRESET)
-        ):
+        # as asyncio's transports: an OSError (ENOTCONN, EINVAL... not only a reset) is
+        # the connection's end, logged in debug mode, never the exception handler's
+        if isinstance(exc, OSError):
             if self._loop.get_debug():
                 base_events.logger.debug("%r: %s", self, message, exc_info=True)
         else:
