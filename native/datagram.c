@@ -610,9 +610,18 @@ static int queue_push(Datagram *d, uint64_t key)
 
 static int dgram_is_zc(Datagram *d, PyObject *payload, Py_ssize_t len)
 {
-    if (!d->zc || !d->ring->zc_supported)
+    Ring *r = d->ring;
+    if (!d->zc || !r->zc_supported)
         return 0;
-    return IS_ZCBUF(payload) || len >= d->zc_threshold;
+    if (IS_ZCBUF(payload)) {
+        ZeroCopyBuffer *b = (ZeroCopyBuffer *)payload;
+        if (b->in_arena && b->pool->registered && (PyObject *)b->pool == r->pool)
+            return 1; /* the registered arena: pinned already */
+    } else if (len < d->zc_threshold) {
+        return 0;
+    }
+    /* (a datagram pins whole pages: up to two more than its length) */
+    return r->zc_pin_budget < 0 || r->pinned_bytes + len + 8192 <= r->zc_pin_budget;
 }
 
 static int dgram_wait_writable(Datagram *d);

@@ -227,6 +227,11 @@ typedef struct Ring {
        because of it wait here for notifications to bring the total back down */
     Py_ssize_t pinned_limit;
     Py_ssize_t stream_pinned_limit; /* the same bound per stream transport */
+    /* bytes SEND_ZC of the application's own memory may pin before RLIMIT_MEMLOCK
+       would refuse it (-1: no limit applies); set by the loop, lowered by the arena's
+       registration. A datagram above it is copied: a refused SEND_ZC (ENOMEM) goes
+       again after the datagrams of its batch that went, out of order. */
+    Py_ssize_t zc_pin_budget;
     PyObject **pin_waiters;
     uint32_t npin_waiters, cappin_waiters;
     /* large bytes objects nobody else references any more, for the next single-shot

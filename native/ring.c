@@ -593,6 +593,7 @@ static int Ring_init(Ring *r, PyObject *args, PyObject *kwds)
     r->pool_size = 16 * 1024 * 1024;
     r->pinned_limit = 64 * 1024 * 1024;
     r->stream_pinned_limit = 4 * 1024 * 1024;
+    r->zc_pin_budget = -1;
     if (!r->events && !(r->events = PyList_New(0)))
         return -1;
     /* a child touching the ring faults instead of writing into the parent's SQ */
@@ -1113,6 +1114,9 @@ static PyMemberDef Ring_members[] = {
      "some pause writing (0: no bound)"},
     {"stream_pinned_limit", T_PYSSIZET, offsetof(Ring, stream_pinned_limit), 0,
      "the same bound per stream transport, for transports made from now on"},
+    {"zc_pin_budget", T_PYSSIZET, offsetof(Ring, zc_pin_budget), 0,
+     "bytes zero-copy datagrams may pin before RLIMIT_MEMLOCK would refuse them; a datagram "
+     "that would go above is copied (-1: no limit applies)"},
     {NULL},
 };
 

@@ -71,6 +71,10 @@ static BufferPool *ring_pool(Ring *r, PyObject *loop)
         int ret = io_uring_register_buffers(r->ring, &iov, 1);
         if (ret == 0) {
             p->registered = 1;
+            if (r->zc_pin_budget >= 0) /* the arena is charged to the same limit */
+                r->zc_pin_budget = r->zc_pin_budget > (Py_ssize_t)size
+                                       ? r->zc_pin_budget - (Py_ssize_t)size
+                                       : 0;
             break;
         }
         bufpool_destroy(&p->arena);

@@ -35,6 +35,7 @@ import io
 import logging
 import operator
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -196,6 +197,35 @@ DEFAULT_ZC_PINNED_LIMIT = 64 << 20
 DEFAULT_ZC_TRANSPORT_PINNED_LIMIT = 4 << 20
 
 
+CAP_IPC_LOCK = 14
+
+
+def _memlock_budget() -> int:
+    """Bytes SEND_ZC may still pin before RLIMIT_MEMLOCK refuses it, halved (-1: no
+    limit applies to this process).
+
+    Without CAP_IPC_LOCK the kernel charges the pages a zero-copy send pins, like the
+    ring itself and a registered arena, to RLIMIT_MEMLOCK, per user (other processes of
+    the user share it: hence the half); VmPin in /proc/self/status is what this process
+    holds already. Datagrams that would go above it are copied (Ring.zc_pin_budget).
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft == resource.RLIM_INFINITY:
+        return -1
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                fields[name] = value.strip()
+        if int(fields["CapEff"], 16) & (1 << CAP_IPC_LOCK):
+            return -1
+        pinned = int(fields.get("VmPin", "0 kB").split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        pinned = 0
+    return max(0, soft - pinned) // 2
+
+
 def _size_option(name: str, value: int | None, env: str | None, default: int) -> int:
     """A byte count from the argument, else the environment, else the default."""
     if value is None:
@@ -285,6 +315,7 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
         self._ring.pool_size = zc_pool_size
         self._ring.pinned_limit = zc_pinned_limit
         self._ring.stream_pinned_limit = zc_transport_pinned_limit
+        self._ring.zc_pin_budget = _memlock_budget()
         if zerocopy != "never":
             self._ring.zc_supported = features.send_zc and features.send_zc_report_usage
         self._multishot_accept = features.multishot_accept

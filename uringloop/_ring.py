@@ -25,6 +25,12 @@ Facts this module relies on (see shared/notes/kernel-facts.md for sources):
   hold of the ring fd, or a bug of ours, can ask of the kernel through this ring; it does
   not make the kernel's own io_uring code any safer, and other rings of the process are
   not affected.
+- Without CAP_IPC_LOCK the ring's own memory (SQEs, CQEs) is charged to RLIMIT_MEMLOCK
+  (a 1,024/8,192-entry ring: ~200 KiB; 64 KiB was the default limit before 5.16), and
+  io_uring_setup answers ENOMEM above it. The charge of a ring just closed is released
+  asynchronously (by a kernel worker), so a ring made right after another one closed
+  may be refused for a few milliseconds: set-up waits that out, then halves the ring
+  until it fits (a smaller ring only submits and reaps more often).
 - URINGLOOP_EMULATE_KERNEL=X.Y makes the probe and the set-up ladder pretend the kernel
   is release X.Y: every feature newer than that (table below) is reported missing, so
   the loop takes the paths it would take there. It hides features, it cannot add any.
@@ -36,6 +42,7 @@ import errno
 import functools
 import os
 import platform
+import time
 from dataclasses import dataclass, field
 
 from . import _uring
@@ -62,6 +69,7 @@ def _cq_entries(sq_entries: int) -> int:
     if n < 8 or n & (n - 1):
         raise ValueError(f"URINGLOOP_CQ_ENTRIES={value!r}: a power of two of at least 8")
     return n
+
 
 # Kernel ABI opcode numbers (include/uapi/linux/io_uring.h); names past the end of
 # this table are printed by number.
@@ -312,7 +320,9 @@ def _ladder(setup: str) -> tuple[tuple[str, int], ...]:
 def create_ring(setup: str = "auto", sq_entries: int = SQ_ENTRIES) -> RingSetup:
     """Set up a ring, stepping down the flag ladder on EINVAL.
 
-    Raises UringUnavailableError when io_uring itself is refused.
+    Raises UringUnavailableError when io_uring itself is refused. On ENOMEM
+    (RLIMIT_MEMLOCK) the ring is halved, down to MIN_SQ_ENTRIES; each size refused is
+    listed in `refused`.
     """
     refused: list[tuple[str, int]] = []
     emulated = emulated_kernel()
@@ -328,9 +338,13 @@ def create_ring(setup: str = "auto", sq_entries: int = SQ_ENTRIES) -> RingSetup:
             continue
         ring = ffi.new("struct io_uring *")
         params = ffi.new("struct io_uring_params *")
-        params.flags = flags | lib.IORING_SETUP_CQSIZE
-        params.cq_entries = cq_entries
-        ret = lib.io_uring_queue_init_params(sq_entries, ring, params)
+        sq, cq = sq_entries, cq_entries
+        while True:
+            ret = _queue_init(sq, cq, flags | lib.IORING_SETUP_CQSIZE, ring, params)
+            if ret != -errno.ENOMEM or sq <= MIN_SQ_ENTRIES:
+                break
+            refused.append((f"{rung} with {sq}/{cq} entries", errno.ENOMEM))
+            sq, cq = sq // 2, max(cq // 2, MIN_SQ_ENTRIES * 2)
         if ret == 0:
             if emulated is not None:  # the ring reports the features of that release
                 ring.features &= _emulated_mask(RING_FEATURE_SINCE, FEATURE_NAMES, emulated)
@@ -351,6 +365,26 @@ def create_ring(setup: str = "auto", sq_entries: int = SQ_ENTRIES) -> RingSetup:
     raise UringUnavailableError(
         errno.EINVAL, "io_uring_setup refused every set-up flag combination (EINVAL)"
     )
+
+
+MIN_SQ_ENTRIES = 32
+# How long set-up waits for the memory charge of rings closed just before to be released.
+_ENOMEM_WAITS = (0.002, 0.005, 0.01, 0.02, 0.04)
+
+
+def _queue_init(sq: int, cq: int, flags: int, ring: object, params: object) -> int:
+    """io_uring_queue_init_params, tried again while it answers ENOMEM for a short while."""
+    for wait in (0.0, *_ENOMEM_WAITS):
+        if wait:
+            time.sleep(wait)
+        size = ffi.sizeof("struct io_uring_params")
+        ffi.memmove(params, bytes(size), size)
+        params.flags = flags
+        params.cq_entries = cq
+        ret = lib.io_uring_queue_init_params(sq, ring, params)
+        if ret != -errno.ENOMEM:
+            return ret
+    return ret
 
 
 def _emulated_mask(since: dict[str, tuple[int, int]], bits: dict[str, int], release) -> int:
@@ -417,9 +451,7 @@ class Features:
 def _probe_setup_flag(flags: int) -> bool:
     ring = ffi.new("struct io_uring *")
     params = ffi.new("struct io_uring_params *")
-    params.flags = flags
-    params.cq_entries = 16
-    ret = lib.io_uring_queue_init_params(4, ring, params)
+    ret = _queue_init(4, 16, flags, ring, params)
     if ret == 0:
         lib.io_uring_queue_exit(ring)
         return True
@@ -446,7 +478,7 @@ def probe() -> Features:
 
     ring = ffi.new("struct io_uring *")
     params = ffi.new("struct io_uring_params *")
-    ret = lib.io_uring_queue_init_params(8, ring, params)
+    ret = _queue_init(8, 16, 0, ring, params)
     if ret < 0:
         raise explain_setup_error(-ret)
     try:
