@@ -450,6 +450,9 @@ void stream_maybe_resume_writing(Stream *s);
 /* A SEND_ZC notification brought the stream's lent memory to zero after close. */
 void stream_unpinned(Stream *s);
 void stream_recv_over(Stream *s);
+/* Drop a reference: into the graveyard while the ring closes (no finalizer may run in
+   the drain), now otherwise. */
+void ring_bury(Ring *r, PyObject **slot);
 /* completion of a stream record, normal and while closing (rule 3) */
 void stream_complete(Ring *r, ul_op *op, int res, unsigned flags);
 void stream_retire(Ring *r, ul_op *op, int res, unsigned flags);

@@ -163,6 +163,11 @@ static void op_drop(Ring *r, PyObject **slot)
     Py_DECREF(obj);
 }
 
+void ring_bury(Ring *r, PyObject **slot)
+{
+    op_drop(r, slot);
+}
+
 void op_free(Ring *r, ul_op *op)
 {
     if (op->has_view) {

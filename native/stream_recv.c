@@ -187,13 +187,13 @@ static int stream_deliver(Stream *s, PyObject *data)
             return stream_hold(s, data, off);
         if (s->proto_error) {
             PyErr_SetObject((PyObject *)Py_TYPE(s->proto_error), s->proto_error);
-            return -1;
+            goto undelivered;
         }
         if (s->on_data) {
             PyObject *piece = off ? PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + off, n - off)
                                   : Py_NewRef(data);
             if (!piece)
-                return -1;
+                goto undelivered;
             PyObject *res = stream_call(s, s->on_data, piece, s->read_ctx);
             Py_DECREF(piece);
             Py_XDECREF(res);
@@ -203,16 +203,16 @@ static int stream_deliver(Stream *s, PyObject *data)
         uint64_t gen = s->proto_gen;
         PyObject *size = PyLong_FromSsize_t(n - off);
         if (!size)
-            return -1;
+            goto undelivered;
         PyObject *target = stream_call(s, s->get_buffer, size, s->read_ctx);
         Py_DECREF(size);
         if (!target)
-            return -1;
+            goto undelivered;
         Py_buffer view;
         int got = PyObject_GetBuffer(target, &view, PyBUF_WRITABLE);
         Py_DECREF(target);
         if (got < 0)
-            return -1;
+            goto undelivered;
         if (s->closed || gen != s->proto_gen) {
             /* get_buffer() closed the transport, or handed it to another protocol:
                that buffer is not where these bytes go */
@@ -220,7 +220,7 @@ static int stream_deliver(Stream *s, PyObject *data)
             if (!s->closed && ++swaps > SWAP_LIMIT) {
                 PyErr_SetString(PyExc_RuntimeError,
                                 "get_buffer() keeps replacing the transport's protocol");
-                return -1;
+                goto undelivered;
             }
             continue;
         }
@@ -230,21 +230,25 @@ static int stream_deliver(Stream *s, PyObject *data)
         if (m <= 0) {
             PyBuffer_Release(&view);
             PyErr_SetString(PyExc_RuntimeError, "get_buffer() returned an empty buffer");
-            return -1;
+            goto undelivered;
         }
         memcpy(view.buf, PyBytes_AS_STRING(data) + off, m);
         PyBuffer_Release(&view);
         PyObject *count = PyLong_FromSsize_t(m);
         if (!count)
-            return -1;
+            goto undelivered;
         PyObject *res = stream_call(s, s->buffer_updated, count, s->read_ctx);
         Py_DECREF(count);
+        off += m; /* (announced, even when buffer_updated() raised) */
         if (!res)
-            return -1;
+            goto undelivered;
         Py_DECREF(res);
-        off += m;
     }
     return 0;
+undelivered:
+    /* the transport fails with the exception: the rest never reaches the protocol */
+    s->dropped += n - off;
+    return -1;
 }
 
 /* The reading side ended with res (0 EOF, -errno): tell the transport, or keep it
@@ -514,6 +518,8 @@ static void rx_deliver_one(Ring *r, Stream *s)
         /* (a delivery that forked: the child delivers nothing more, rule 4) */
         if (!failed && !ring_forked(r) && stream_deliver(s, chunks[k]) < 0)
             failed = 1;
+        else if (failed)
+            s->dropped += PyBytes_GET_SIZE(chunks[k]); /* behind the failed delivery */
         Py_DECREF(chunks[k]);
     }
     int ended = s->rx_ended;
@@ -671,4 +677,10 @@ void stream_recv_retire(Ring *r, Stream *s, ul_op *op, int res, unsigned flags)
     if (op_key(op) == s->recv_key)
         s->recv_armed = 0;
     op_free(r, op);
+    if (s->closed && !s->recv_armed && s->pinned == 0) {
+        /* the owner waited for this receive; the ring's close ends it (the transport
+           closes its socket itself, _reset_for_loop_close) */
+        s->recv_over_wanted = 0;
+        ring_bury(r, &s->owner);
+    }
 }

@@ -769,9 +769,27 @@ async def _close_with_unread_bytes() -> str:
             return "reset"
 
 
-@pytest.mark.parametrize("setup", ["defer", "coop", "plain"])
-@pytest.mark.parametrize("multishot", [True, False], ids=["multishot", "single-shot"])
-def test_close_with_bytes_the_protocol_never_got_resets_like_asyncio(setup, multishot):
+SETUPS = ["defer", "coop", "plain"]
+RECEIVES = pytest.mark.parametrize("multishot", [True, False], ids=["multishot", "single-shot"])
+
+
+def ring_loop(setup: str, multishot: bool) -> uringloop.UringEventLoop:
+    """A loop on that set-up rung, or a skip where the kernel (or its emulation) lacks it."""
+    needed = {
+        "defer": ("SINGLE_ISSUER", "DEFER_TASKRUN"),
+        "coop": ("SINGLE_ISSUER", "COOP_TASKRUN"),
+    }
+    missing = [f for f in needed.get(setup, ()) if not uringloop.probe().setup_flags[f]]
+    if missing:
+        pytest.skip(f"this kernel has no {' '.join(missing)}")
+    if multishot and not uringloop.probe().recv_multishot:
+        pytest.skip("this kernel has no multishot receive")
+    return uringloop.new_event_loop(setup=setup, recv_multishot=multishot)
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+@RECEIVES
+def test_close_with_bytes_the_protocol_never_got_resets_like_the_selector_loop(setup, multishot):
     """asyncio leaves bytes of a paused transport in the socket and its close() resets
     the connection. A receive already in the kernel may have taken them (on
     COOP_TASKRUN rings its cancel completes after the bytes came): uringloop counts
@@ -780,5 +798,142 @@ def test_close_with_bytes_the_protocol_never_got_resets_like_asyncio(setup, mult
     want = _run_on(asyncio.SelectorEventLoop(), _close_with_unread_bytes())
     assert want == "reset"
     for _ in range(5):  # the race goes both ways: every round must end the same
-        loop = uringloop.new_event_loop(setup=setup, recv_multishot=multishot)
-        assert _run_on(loop, _close_with_unread_bytes()) == want
+        assert _run_on(ring_loop(setup, multishot), _close_with_unread_bytes()) == want
+
+
+class CloseOnFirstData(asyncio.Protocol):
+    """Closes in data_received (a multishot receive is then still in the kernel: the
+    socket waits for its end) and asks for something after connection_lost()."""
+
+    after_lost = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.close()
+        if self.after_lost is not None:
+            asyncio.get_running_loop().call_soon(self.after_lost)
+
+
+async def _late_bytes_after_close(rounds: int) -> list[str]:
+    """The server closes on the first bytes; the client sends more once it did."""
+    loop = asyncio.get_running_loop()
+    client: list[socket.socket] = []
+    proto = type("P", (CloseOnFirstData,), {"after_lost": lambda self: client[0].send(b"late")})
+    server = await loop.create_server(proto, "127.0.0.1", 0)
+    ends = []
+    for _ in range(rounds):
+        with socket.socket() as c:
+            c.setblocking(False)
+            client[:] = [c]
+            await loop.sock_connect(c, server.sockets[0].getsockname())
+            await loop.sock_sendall(c, b"request")
+            try:
+                while await asyncio.wait_for(loop.sock_recv(c, 65536), 5):
+                    pass
+                ends.append("eof")
+            except ConnectionResetError:
+                ends.append("reset")
+    server.close()
+    await server.wait_closed()
+    return ends
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+@RECEIVES
+def test_bytes_the_peer_sends_after_close_come_after_the_end_of_stream(setup, multishot):
+    """asyncio's close() sends the FIN at once and a late byte resets the connection
+    after it: the peer reads the end of the stream. uringloop keeps a socket whose
+    receive is still in the kernel, but shuts it down at once (the peer saw a reset)."""
+    want = _run_on(asyncio.SelectorEventLoop(), _late_bytes_after_close(20))
+    assert set(want) == {"eof"}
+    assert _run_on(ring_loop(setup, multishot), _late_bytes_after_close(20)) == want
+
+
+class RaisingProtocol(asyncio.Protocol):
+    def data_received(self, data):
+        raise ValueError("the protocol fails")
+
+
+async def _protocol_raises_with_more_waiting() -> str:
+    """512 KiB wait in the server's socket; data_received raises on the first chunk."""
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda loop, context: None)
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    with socket.create_connection(listener.getsockname()) as c:
+        c.sendall(b"x" * (512 << 10))
+        server = await loop.create_server(RaisingProtocol, sock=listener)
+        c.setblocking(False)
+        try:
+            while await asyncio.wait_for(loop.sock_recv(c, 65536), 5):
+                pass
+            end = "eof"
+        except ConnectionResetError:
+            end = "reset"
+    server.close()
+    await server.wait_closed()
+    return end
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+@RECEIVES
+def test_a_protocol_that_raises_leaves_the_rest_unread_and_resets(setup, multishot):
+    """asyncio reads 256 KiB, data_received raises, the transport closes with the rest
+    unread: a reset. uringloop's batch had taken more than it delivered: counted as
+    dropped, it resets too (the peer saw a FIN)."""
+    want = _run_on(asyncio.SelectorEventLoop(), _protocol_raises_with_more_waiting())
+    assert want == "reset"
+    assert _run_on(ring_loop(setup, multishot), _protocol_raises_with_more_waiting()) == want
+
+
+def test_a_forked_child_closes_its_copy_of_a_socket_kept_past_close():
+    """A socket waiting for its receive's end after close() is the parent's business: a
+    child forked meanwhile closes its inherited descriptor at once (it never hears of
+    the parent's completions, and would keep the connection open until it exits)."""
+    import os
+
+    held: list = []
+
+    def fork() -> None:
+        transport = held[0]
+        sock = transport._sock_after_recv
+        if sock is None:
+            held.append("not kept")  # closed at once: nothing to show
+            return
+        fd = sock.fileno()
+        pid = os.fork()
+        if pid == 0:
+            ok = transport._sock_after_recv is None
+            try:
+                os.fstat(fd)
+                ok = False
+            except OSError:
+                pass
+            os._exit(0 if ok else 1)
+        held.append(os.waitpid(pid, 0)[1])
+
+    class Forking(CloseOnFirstData):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            held.append(transport)
+
+        def after_lost(self):
+            fork()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Forking, "127.0.0.1", 0)
+        with socket.socket() as c:
+            c.setblocking(False)
+            await loop.sock_connect(c, server.sockets[0].getsockname())
+            await loop.sock_sendall(c, b"hello")
+            assert await asyncio.wait_for(loop.sock_recv(c, 10), 5) == b""
+        server.close()
+        await server.wait_closed()
+
+    _run_on(ring_loop("defer", True), main())
+    assert held[1:] == [0], held

@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import inspect
+import os
 import socket
 import struct
+import sys
 import termios
 import warnings
+import weakref
 from asyncio import base_events, constants, futures, transports, trsock
 from typing import Any
 
@@ -36,6 +39,25 @@ DEFAULT_ZC_THRESHOLD = 64 * 1024
 # seconds the socket is reset (SO_LINGER 0) so the kernel lets go of the memory.
 ZC_LINGER_SECONDS = 30.0
 _LINGER_ABORT = struct.pack("ii", 1, 0)
+
+# Transports that keep their socket past connection_lost() (until a receive's end, or
+# SEND_ZC notifications). A forked child inherits those descriptors but never hears of
+# the completions (the ring is the parent's), so it closes its copies at once: else the
+# peer would see no FIN before the child exits.
+_held_past_close: weakref.WeakSet[RingStreamTransport] = weakref.WeakSet()
+
+
+def _close_held_sockets_in_child() -> None:
+    for transport in list(_held_past_close):
+        for name in ("_sock_after_recv", "_lingering"):
+            sock = getattr(transport, name, None)
+            if sock is not None:
+                setattr(transport, name, None)
+                sock.close()  # the child's descriptor only
+    _held_past_close.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_sockets_in_child)
 
 
 def zc_threshold_for(loop: Any, sock: socket.socket) -> int:
@@ -338,11 +360,22 @@ class RingStreamTransport(ProtocolFlowControl, transports._FlowControlMixin, tra
         rings completes an iteration later) may yet take bytes from the socket that the
         protocol will never get; on asyncio's loop they would be unread in the socket
         and its close() would reset the connection. So the socket waits for the
-        receive's end (_stream_recv_over), then closes as _close_socket_now says.
+        receive's end (_stream_recv_over), then closes as _close_socket_now says. The
+        end of the stream goes at once all the same (shutdown): asyncio's close() sends
+        the FIN now, and bytes the peer sends after it reset the connection after it.
         """
+        if self._stream.dropped_bytes or _unread_bytes(sock):
+            self._close_socket_now(sock)  # a reset, whenever the receive lets go
+            return
         if self._stream.notify_when_recv_over():
+            if not (self._abortive and self._stream.pinned):
+                try:
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
             self._sock_after_recv = sock
             self._loop._lingering.add(self)
+            _held_past_close.add(self)
             return
         self._close_socket_now(sock)
 
@@ -379,6 +412,7 @@ class RingStreamTransport(ProtocolFlowControl, transports._FlowControlMixin, tra
                 pass
             self._lingering = sock
             self._loop._lingering.add(self)
+            _held_past_close.add(self)
             self._linger_timer = self._loop.call_later(
                 self._loop._zc_linger_seconds, self._linger_expired
             )
