@@ -166,19 +166,11 @@ class Side:
             memoryview(buf)[:] = data
             t.write(buf)
         elif kind == "writelines":
+            # all or nothing, as asyncio's (which joins or buffers the pieces before it
+            # sends): when it raises, nothing went, or the transport failed and what
+            # went before no longer counts
             cut = size // 2
-            taken: list[int] = []
-
-            def pieces():
-                for piece in (data[:cut], bytearray(data[cut:])):
-                    yield piece
-                    taken.append(len(piece))  # resumed only once write(piece) returned
-
-            try:
-                t.writelines(pieces())
-            except BaseException:
-                self.sent += sum(taken)  # what went in before the failing write()
-                raise
+            t.writelines(iter((data[:cut], bytearray(data[cut:]))))
         else:
             t.write(data)
         self.sent += size

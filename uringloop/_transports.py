@@ -228,8 +228,15 @@ class RingStreamTransport(ProtocolFlowControl, transports._FlowControlMixin, tra
         ]
         if not items:
             write(b"")  # raises what write() raises (after write_eof(), during a sendfile)
-        for data in items:
-            write(data)
+        for index, data in enumerate(items):
+            try:
+                write(data)
+            except Exception as exc:
+                if index:
+                    # (no memory or no SQE for a later item) the first ones are queued:
+                    # the stream cannot go on without the rest, so the transport fails
+                    self._fatal_error(exc, "Fatal error on transport.writelines()")
+                raise
 
     def can_write_eof(self) -> bool:
         return True
