@@ -24,8 +24,10 @@ import pytest
 
 import uringloop
 
-# A gap between two echo round trips longer than this is a stall, not slowness.
+# A gap between two echo round trips longer than this is a stall, not slowness. asyncio's
+# own loop, the reference, gets more room: it took 1.3 s once with the machine loaded.
 STALL = 1.0
+REFERENCE_STALL = 3.0
 CLIENTS = 4
 MESSAGE = 64
 
@@ -87,7 +89,9 @@ class EchoTraffic:
         assert during, f"no echo round trip in {end - start:.2f}s"
         edges = [start, *during, end]
         gap = max(b - a for a, b in zip(edges, edges[1:], strict=False))
-        assert gap < STALL, f"the echo traffic stalled for {gap:.2f}s"
+        loop = asyncio._get_running_loop()
+        limit = STALL if isinstance(loop, uringloop.UringEventLoop) else REFERENCE_STALL
+        assert gap < limit, f"the echo traffic stalled for {gap:.2f}s"
         return len(during)
 
 
