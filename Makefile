@@ -19,7 +19,7 @@ PYTHON ?= $(call find_python,3.11,$$(command -v python3))
 PY313 ?= $(call find_python,3.13)
 PY312 ?= $(call find_python,3.12)
 PYTEST_ARGS ?=
-APT_PACKAGES = liburing-dev strace wrk iproute2 curl
+APT_PACKAGES = liburing-dev strace wrk iproute2 curl postgresql redis-server
 
 .PHONY: system-deps example test test-quick test-311 test-313 test-asan fuzz fuzz-ci compat compat-quick bench bench-quick lint clean
 
@@ -50,8 +50,10 @@ test-quick: .venv-main/ready
 
 test-311: test-quick
 
+# 3.13 runs the suite but for the parts that do not depend on the interpreter's asyncio and
+# take the longest (the bench's own test, the 4 GiB transfers): they run on 3.11.
 test-313: .venv-313/ready
-	.venv-313/bin/python -m pytest $(PYTEST_ARGS)
+	.venv-313/bin/python -m pytest --deselect tests/test_bench.py -k "not four_gib" $(PYTEST_ARGS)
 
 # The native parts rebuilt with AddressSanitizer and UBSan, and with fault injection
 # compiled in (URINGLOOP_FAULTS: see tests/fuzz_streams.py), installed (not editable)
@@ -106,7 +108,7 @@ FUZZ_SEED ?=
 FUZZ_COUNT ?= 2000
 FUZZ_FAULTS ?=
 FUZZ_ONLY ?=
-FUZZ_CI_COUNT ?= 800
+FUZZ_CI_COUNT ?= 500
 FUZZ_CI_FAULTS = sqe=29,submit=31,alloc=7
 fuzz: .venv-asan/ready
 	$(ASAN_RUN) $(if $(FUZZ_FAULTS),URINGLOOP_FAULTS=$(FUZZ_FAULTS)) .venv-asan/bin/python \
