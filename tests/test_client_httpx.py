@@ -24,6 +24,7 @@ import json
 import os
 import random
 import ssl
+import sys
 import threading
 import traceback
 
@@ -474,8 +475,12 @@ def test_httpx_one_keepalive_connection_streaming_both_ways(server):
 
 # Not over TLS: there, on 3.11, asyncio's own loop never fails the server's drain() after
 # the client reset the connection (its SSL layer drops the writes, the handler "sends" the
-# whole body), so it has no answer to compare with.
-@pytest.mark.parametrize("server", [aiohttp_server, streams_server], ids=list(SERVERS)[:2])
+# whole body), so it has no answer to compare with. On 3.13 the same holds for its plain
+# streams server (seen on CI: the server's write never failed; uringloop's and uvloop's did).
+DROP_SERVERS = [aiohttp_server, streams_server] if sys.version_info < (3, 13) else [aiohttp_server]
+
+
+@pytest.mark.parametrize("server", DROP_SERVERS, ids=list(SERVERS)[: len(DROP_SERVERS)])
 def test_httpx_dropped_stream_and_read_timeout_close_the_connection(server):
     results = on_each_loop(server, dropped_and_timed_out)
     assert results["asyncio"] == {
