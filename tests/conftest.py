@@ -60,6 +60,22 @@ def pytest_asyncio_loop_factories(config, item):
     return _factories()
 
 
+# the set-up flags each named ring set-up needs ("plain" needs none)
+SETUP_NEEDS = {
+    "defer": ("SINGLE_ISSUER", "DEFER_TASKRUN"),
+    "coop": ("SINGLE_ISSUER", "COOP_TASKRUN"),
+}
+
+
+def require_setup(setup: str) -> None:
+    """Skip when this kernel (or the one URINGLOOP_EMULATE_KERNEL emulates) lacks a
+    flag the named ring set-up needs."""
+    flags = uringloop.probe().setup_flags
+    missing = [flag for flag in SETUP_NEEDS.get(setup, ()) if not flags[flag]]
+    if missing:
+        pytest.skip(f"this kernel has no {' '.join(missing)}")
+
+
 def open_sockets() -> set[int]:
     """Socket fds of this process (loops keep pipes and eventfds of their own)."""
     fds = set()

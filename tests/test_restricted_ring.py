@@ -15,6 +15,7 @@ import errno
 import os
 
 import pytest
+from conftest import require_setup
 
 import uringloop
 from uringloop import _ring
@@ -93,13 +94,7 @@ def test_unrestricted_on_request_and_the_same_requests_then_reach_the_kernel(mon
 
 @pytest.mark.parametrize("setup", ["defer", "coop", "plain"])
 def test_every_setup_rung_is_restricted(setup):
-    needed = {
-        "defer": ("SINGLE_ISSUER", "DEFER_TASKRUN"),
-        "coop": ("SINGLE_ISSUER", "COOP_TASKRUN"),
-    }
-    missing = [flag for flag in needed.get(setup, ()) if not uringloop.probe().setup_flags[flag]]
-    if missing:  # (also under URINGLOOP_EMULATE_KERNEL)
-        pytest.skip(f"this kernel has no {' '.join(missing)}")
+    require_setup(setup)
     loop = uringloop.new_event_loop(setup=setup)
     try:
         assert loop.run_until_complete(echo_once()) == b"still serving"

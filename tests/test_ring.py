@@ -13,6 +13,7 @@ import sysconfig
 import threading
 
 import pytest
+from conftest import require_setup
 
 import uringloop
 
@@ -31,14 +32,7 @@ def roundtrip(loop: asyncio.AbstractEventLoop) -> bytes:
 
 @pytest.mark.parametrize("setup", ["defer", "coop", "plain"])
 def test_every_setup_rung_runs_io(setup):
-    probed = uringloop.probe()
-    needed = {
-        "defer": ("SINGLE_ISSUER", "DEFER_TASKRUN"),
-        "coop": ("SINGLE_ISSUER", "COOP_TASKRUN"),
-    }
-    missing = [flag for flag in needed.get(setup, ()) if not probed.setup_flags[flag]]
-    if missing:  # (also under URINGLOOP_EMULATE_KERNEL)
-        pytest.skip(f"this kernel has no {' '.join(missing)}")
+    require_setup(setup)
     loop = uringloop.UringEventLoop(setup=setup)
     try:
         assert roundtrip(loop) == b"abc"

@@ -12,6 +12,7 @@ import socket
 import sys
 
 import pytest
+from conftest import require_setup
 
 import uringloop
 
@@ -775,13 +776,7 @@ RECEIVES = pytest.mark.parametrize("multishot", [True, False], ids=["multishot",
 
 def ring_loop(setup: str, multishot: bool) -> uringloop.UringEventLoop:
     """A loop on that set-up rung, or a skip where the kernel (or its emulation) lacks it."""
-    needed = {
-        "defer": ("SINGLE_ISSUER", "DEFER_TASKRUN"),
-        "coop": ("SINGLE_ISSUER", "COOP_TASKRUN"),
-    }
-    missing = [f for f in needed.get(setup, ()) if not uringloop.probe().setup_flags[f]]
-    if missing:
-        pytest.skip(f"this kernel has no {' '.join(missing)}")
+    require_setup(setup)
     if multishot and not uringloop.probe().recv_multishot:
         pytest.skip("this kernel has no multishot receive")
     return uringloop.new_event_loop(setup=setup, recv_multishot=multishot)
