@@ -374,10 +374,13 @@ class RingStreamTransport(ProtocolFlowControl, transports._FlowControlMixin, tra
         end of the stream goes at once all the same (shutdown): asyncio's close() sends
         the FIN now, and bytes the peer sends after it reset the connection after it.
         """
-        if self._stream.dropped_bytes or _unread_bytes(sock):
+        if self._stream.dropped_bytes:
             self._close_socket_now(sock)  # a reset, whenever the receive lets go
             return
         if self._stream.notify_when_recv_over():
+            if _unread_bytes(sock):
+                _reset_and_close(sock)  # (the receive may yet take them: asked for now)
+                return
             if not (self._abortive and self._stream.pinned):
                 try:
                     sock.shutdown(socket.SHUT_WR)
@@ -409,11 +412,11 @@ class RingStreamTransport(ProtocolFlowControl, transports._FlowControlMixin, tra
         reset the connection too, asked for with SO_LINGER 0 since the kernel saw them
         read.
         """
-        if self._stream.dropped_bytes or _unread_bytes(sock):
+        if self._stream.dropped_bytes:
             _reset_and_close(sock)
         elif not self._stream.pinned:
-            sock.close()
-        elif self._abortive:
+            sock.close()  # (bytes unread in the socket: the kernel's close() resets)
+        elif self._abortive or _unread_bytes(sock):
             _reset_and_close(sock)
         else:
             try:
