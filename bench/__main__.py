@@ -1,10 +1,11 @@
 """Run the benchmarks: asyncio, uvloop, rloop and uringloop side by side, in one invocation.
 
-usage: python -m bench [--quick] [--only micro,echo,udp,http,bulk,internals] [--rounds N]
+usage: python -m bench [--quick] [--only micro,echo,udp,http,clients,bulk,internals] [--rounds N]
                        [--seconds S] [--modes sock,streams,protocol] [--sizes 1024,16384,262144]
                        [--conns 1,16,128] [--udp-echo-sizes 1024,16384] [--udp-echo-clients 16,128]
                        [--loops asyncio,uvloop,rloop,uringloop] [--no-reference]
                        [--http-servers aiohttp,uvicorn,hypercorn] [--http-conns 16,128]
+                       [--clients pg-select:1,pg-select:16,...]
                        [--bulk-sizes 4096,...] [--udp-sizes 4096,...] [--bulk-mib 512]
                        [--udp-mib 1024] [--internals async_tree_none,...]
                        [--churn-cycles 100000] [--churn-size 4096] [--churn-conc 4] [--out DIR]
@@ -25,6 +26,11 @@ min/max and ratios between medians of the same invocation.
   cannot serve datagrams is n/a in the table and named in the notes.
 - http: aiohttp and Starlette under uvicorn and hypercorn (bench/http_server.py) loaded by
   wrk: "Hello, World!" and a 1 MiB response.
+- clients: asyncpg against PostgreSQL and redis-py's asyncio client (with hiredis)
+  against redis-server, both servers started for the run on CPU 1 (bench/db_servers.py),
+  the client on CPU 0 (bench/db_client.py): SELECT 1 round trips on 1 and 16
+  connections, a fetch of 10,000 rows, SET/GET round trips on 1 and 16 connections and
+  pipelines of 1,000 SETs; operations/s and the client's CPU per operation.
 - bulk: one-way sends over loopback TCP and as UDP into a dead-end veth in a network
   namespace made for the run (bench/netns.py, needs root): throughput and the sender's CPU
   per GiB for copying, SEND_ZC of bytes and ZeroCopyBuffers.
@@ -52,12 +58,12 @@ import sys
 import time
 from pathlib import Path
 
-from . import bulk, churn, loop_internals, netns, runners
+from . import bulk, churn, db_servers, loop_internals, netns, runners
 from .loops import LOOPS
 from .report import Report, environment, progress, write
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("micro", "echo", "udp", "http", "bulk", "internals")
+PARTS = ("micro", "echo", "udp", "http", "clients", "bulk", "internals")
 EXTRA_PARTS = ("churn",)  # only when named in --only
 
 FULL = {
@@ -71,6 +77,8 @@ FULL = {
     "http_servers": "aiohttp,uvicorn,hypercorn",
     "http_conns": "16,128",
     "http_paths": "/,/1m",
+    "clients": "pg-select:1,pg-select:16,pg-fetch:1,redis-get-set:1,redis-get-set:16,"
+    "redis-pipeline:1",
     "bulk_sizes": "4096,16384,65536,262144,1048576,4194304",
     "udp_sizes": "4096,16384,32768,65000",
     "file_sizes": "1048576,67108864",
@@ -92,6 +100,7 @@ QUICK = {
     "http_servers": "aiohttp,uvicorn",
     "http_conns": "64",
     "http_paths": "/",
+    "clients": "pg-select:16,redis-get-set:16",
     "bulk_sizes": "65536",
     "udp_sizes": "65000",
     "file_sizes": "16777216",
@@ -145,7 +154,9 @@ def main() -> int:
     rounds = args.rounds
     env = environment()
     results: dict = {"environment": env, "rounds": rounds, "seconds": args.seconds}
-    results.update(micro={}, echo=[], udp=[], http=[], bulk=[], internals={}, churn=[], notes=[])
+    results.update(
+        micro={}, echo=[], udp=[], http=[], clients=[], bulk=[], internals={}, churn=[], notes=[]
+    )
 
     modes, sizes, conns = words(args.modes), ints(args.sizes), ints(args.conns)
     echo_servers = list(loops)
@@ -170,6 +181,11 @@ def main() -> int:
     if "http" in args.parts and shutil.which("wrk") is None:
         results["notes"].append("HTTP skipped: wrk is not installed (apt-get install wrk)")
         args.parts.remove("http")
+    client_cells = [(w, int(c)) for w, c in (cell.split(":") for cell in words(args.clients))]
+    clients_reason = db_servers.unavailable_reason()
+    if "clients" in args.parts and clients_reason:
+        results["notes"].append(f"clients skipped: {clients_reason}")
+        args.parts.remove("clients")
     variants = [v for v in bulk.VARIANTS if v.split("-")[0] in loops]
     file_variants = [v for v in ("asyncio", "uvloop", "uringloop") if v in loops]
     udp_reason = netns.unavailable_reason()
@@ -185,6 +201,7 @@ def main() -> int:
         "echo": rounds * len(modes) * len(sizes) * len(conns) * len(echo_servers),
         "udp": rounds * len(udp_echo_sizes) * len(udp_clients) * len(udp_servers),
         "http": rounds * len(http_cells) * len(loops),
+        "clients": rounds * len(client_cells) * len(loops),
         "bulk": rounds * (len(ints(args.bulk_sizes)) + len(udp_sizes)) * len(variants)
         + rounds * len(ints(args.file_sizes)) * len(file_variants),
         "internals": len(internals) * len(loops),
@@ -332,6 +349,25 @@ def main() -> int:
             )
             results["http"].append({"server": server, "path": path, "conns": c, **rows})
 
+    if "clients" in args.parts and client_cells:
+        report.header("database and cache clients (client on CPU 0)", loops, ratios(loops))
+        client_rows = (
+            ("ops_per_s", "ops/s", "ops/s", True),
+            ("client_cpu_us_per_op", "client CPU", "us/op", False),
+        )
+        with db_servers.postgres() as pg, db_servers.redis() as rd:
+            for work, c in client_cells:
+                port = pg["port"] if work.startswith("pg-") else rd["port"]
+                rows = measure_cell(
+                    CLIENT_NAMES[work] + f" x{c}",
+                    loops,
+                    lambda lp, work=work, c=c, port=port: runners.run_db_client(
+                        lp, work, c, args.seconds, port
+                    ),
+                    client_rows,
+                )
+                results["clients"].append({"work": work, "conns": c, **rows})
+
     if "bulk" in args.parts:
         bulk_ratios = [
             (a, b)
@@ -428,6 +464,13 @@ def main() -> int:
     print(f"results written to {json_path} and {md_path}")
     return 1 if failures else 0
 
+
+CLIENT_NAMES = {
+    "pg-select": "asyncpg SELECT 1",
+    "pg-fetch": "asyncpg fetch 10,000 rows",
+    "redis-get-set": "redis SET/GET",
+    "redis-pipeline": "redis pipeline of 1,000 SETs",
+}
 
 # (where the client runs, kind of cycle)
 CHURN_SERIES = (("uringloop", "echo"), ("uringloop", "abort"), ("C", "echo"), ("C", "abort"))

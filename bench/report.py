@@ -232,6 +232,22 @@ def plot(results: dict, out_dir: Path, stamp: str) -> list[Path]:
         axes[1].set_title("HTTP p99 latency")
         save(fig, "http")
 
+    clients = results.get("clients", [])
+    if clients:
+        labels = [f"{x['work']} x{x['conns']}" for x in clients]
+        loops = list(clients[0]["ops_per_s"])
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+        for ax, key, ylabel, title in (
+            (axes[0], "ops_per_s", "operations/s", "database and cache clients"),
+            (axes[1], "client_cpu_us_per_op", "client CPU (us/op)", "client CPU per operation"),
+        ):
+            bars(ax, labels, {lp: [_median(x[key], lp) for x in clients] for lp in loops}, ylabel)
+            ax.set_yscale("log")
+            ax.tick_params(axis="x", rotation=45, labelsize=7)
+            ax.set_title(title)
+        axes[0].legend(fontsize=8)
+        save(fig, "clients")
+
     bulk = results.get("bulk", [])
     if bulk:
         protos = sorted({x["proto"] for x in bulk})

@@ -299,6 +299,18 @@ def churn_c_client(client: Path, kind: str, cycles: int, every: int, size: int, 
             yield samples, json.loads(out.stdout)
 
 
+def run_db_client(loop: str, work: str, conns: int, seconds: float, port: int) -> dict:
+    """One client run (bench/db_client.py) on `loop`, pinned to CPU 0; its JSON result."""
+    argv = [sys.executable, "-m", "bench.db_client", f"--loop={loop}", f"--work={work}"]
+    argv += [f"--conns={conns}", f"--seconds={seconds}", f"--port={port}"]
+    out = subprocess.run(
+        pinned(0, argv), capture_output=True, text=True, cwd=HERE.parent, timeout=seconds * 3 + 60
+    )
+    if out.returncode:
+        raise RuntimeError(f"{work} x{conns} on {loop} failed: {out.stderr.strip()[-800:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def reference_server_available(name: str = "ring_echo_server") -> bool:
     try:
         build(name, ("-luring",))

@@ -26,6 +26,7 @@ def test_bench_runs_in_its_shortest_mode(tmp_path):
             "--http-servers=aiohttp",
             "--http-paths=/",
             "--http-conns=8",
+            "--clients=pg-select:2,redis-pipeline:1",
             "--bulk-sizes=65536",
             "--udp-sizes=16384",
             "--bulk-mib=16",
@@ -47,6 +48,14 @@ def test_bench_runs_in_its_shortest_mode(tmp_path):
     assert all(v["median"] > 0 for v in echo["rps"].values()), echo["rps"]
     (http,) = data["http"]
     assert http["rps"]["uringloop"]["median"] > 0
+    # the clients against real PostgreSQL and redis-server (CI installs both)
+    assert [(c["work"], c["conns"]) for c in data["clients"]] == [
+        ("pg-select", 2),
+        ("redis-pipeline", 1),
+    ], data["notes"]
+    for cell in data["clients"]:
+        assert set(cell["ops_per_s"]) == {"asyncio", "uvloop", "rloop", "uringloop"}, cell
+        assert all(v["median"] > 0 for v in cell["client_cpu_us_per_op"].values()), cell
     bulk = {b["proto"]: b for b in data["bulk"]}
     assert set(bulk["tcp"]["cpu_ms_per_gib"]) >= {"uringloop", "uringloop-copy", "uringloop-fixed"}
     # UDP needs a network namespace (root and iproute2); without one the report says why
