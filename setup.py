@@ -1,4 +1,4 @@
-"""Build both native parts against the system liburing.
+"""Build both native parts against liburing: the system's shared library, or its archive for wheels.
 
 `uringloop._uring` is the cffi (API mode) binding used for the control plane;
 `uringloop._dataplane` is the CPython C-API extension that owns the per-event path.
@@ -9,10 +9,11 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "native"))
 
-from build_uring import check_liburing, dataplane_compile_args  # noqa: E402
+from build_uring import check_liburing, dataplane_compile_args, liburing_link  # noqa: E402
 from setuptools import Extension, setup  # noqa: E402
 
 check_liburing()
+LIBURING = liburing_link()
 
 setup(
     cffi_modules=["native/build_uring.py:ffibuilder"],
@@ -32,9 +33,11 @@ setup(
                 "native/bufpool.c",
             ],
             depends=["native/dataplane.h", "native/bufpool.h", "native/compat.h"],
-            libraries=["uring"],
+            libraries=LIBURING["libraries"],
+            extra_objects=LIBURING["extra_objects"],
             extra_compile_args=dataplane_compile_args(),
-            extra_link_args=os.environ.get("URINGLOOP_LDFLAGS", "").split(),
+            extra_link_args=LIBURING["extra_link_args"]
+            + os.environ.get("URINGLOOP_LDFLAGS", "").split(),
         )
     ],
 )

@@ -52,6 +52,38 @@ def check_liburing() -> None:
         raise SystemExit(MISSING_LIBURING)
 
 
+def liburing_link() -> dict:
+    """How both extensions link liburing: setuptools keyword arguments.
+
+    By default, against the system's shared liburing (-luring). With
+    URINGLOOP_STATIC_LIBURING=1 (or the path of a liburing.a), liburing's archive is linked
+    into each extension instead, which is how the wheels are built (`make wheels`): a wheel
+    then needs no liburing on the machine it is installed on. The two extensions each get
+    a private copy of the few functions they use; they work on the same `struct io_uring`
+    and liburing keeps no global state, so two copies agree. --exclude-libs keeps the
+    copies out of the extensions' exported symbols, so another liburing loaded into the
+    same process (a different version, say) neither interposes on ours nor ours on it.
+    """
+    archive = os.environ.get("URINGLOOP_STATIC_LIBURING", "")
+    if archive in ("", "0"):
+        return {"libraries": ["uring"], "extra_objects": [], "extra_link_args": []}
+    if archive == "1":
+        cc = os.environ.get("CC", "cc").split()
+        archive = subprocess.run(
+            [*cc, "-print-file-name=liburing.a"], capture_output=True, text=True
+        ).stdout.strip()
+    if not os.path.isabs(archive) or not os.path.exists(archive):
+        raise SystemExit(
+            f"URINGLOOP_STATIC_LIBURING: no liburing.a found ({archive!r}); install "
+            "liburing-dev or give the archive's path"
+        )
+    return {
+        "libraries": [],
+        "extra_objects": [archive],
+        "extra_link_args": ["-Wl,--exclude-libs,ALL"],
+    }
+
+
 def dataplane_compile_args() -> list[str]:
     """Compiler flags for the native parts; URINGLOOP_CFLAGS adds sanitizers in CI."""
     args = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
@@ -386,10 +418,12 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "uringloop._uring",
     SOURCE,
-    libraries=["uring"],
+    libraries=liburing_link()["libraries"],
+    extra_objects=liburing_link()["extra_objects"],
     include_dirs=[HERE],
     extra_compile_args=dataplane_compile_args(),
-    extra_link_args=os.environ.get("URINGLOOP_LDFLAGS", "").split(),
+    extra_link_args=liburing_link()["extra_link_args"]
+    + os.environ.get("URINGLOOP_LDFLAGS", "").split(),
 )
 
 if __name__ == "__main__":

@@ -90,7 +90,14 @@ static PyObject *base_firstiter_hook, *weakset_type;
 static PyObject *str_asyncgens, *str_asyncgens_shutdown_called, *str_pending_removals, *str_data,
     *str_remove, *str_add;
 /* asyncio.tasks' namespace (create_task uses tasks.Task as it is at the call) and the
-   keywords create_task passes it */
+   keywords create_task passes it (3.10's Task takes no context) */
+#if PY_VERSION_HEX >= 0x030B0000
+#define TASK_TAKES_CONTEXT 1
+#define TASK_KWNAMES Py_BuildValue("(sss)", "loop", "name", "context")
+#else
+#define TASK_TAKES_CONTEXT 0
+#define TASK_KWNAMES Py_BuildValue("(ss)", "loop", "name")
+#endif
 static PyObject *tasks_dict, *str_Task, *task_kwnames, *str_name_kw;
 /* asyncio.futures' namespace (create_future uses futures.Future as it is at the call) */
 static PyObject *futures_dict, *str_Future, *loop_kwnames;
@@ -192,7 +199,7 @@ static int sched_init_globals(void)
     if (intern_name(&str_Future, "Future") || !(loop_kwnames = Py_BuildValue("(s)", "loop")))
         goto fail;
     if (intern_name(&str_Task, "Task") || intern_name(&str_name_kw, "name") ||
-        !(task_kwnames = Py_BuildValue("(sss)", "loop", "name", "context")))
+        !(task_kwnames = TASK_KWNAMES))
         goto fail;
     if (intern_name(&str_time, "time") || intern_name(&str_call_at, "call_at") ||
         intern_name(&str_call_soon_private, "_call_soon"))
@@ -1146,7 +1153,9 @@ static PyObject *call_module_class(PyObject *ns, PyObject *name, PyObject *const
 
 /* create_task(coro, *, name=None, context=None) without a task factory: asyncio's
    `tasks.Task(coro, loop=self, name=name, context=context)`; anything else (a factory,
-   debug mode, other arguments) is BaseEventLoop.create_task. */
+   debug mode, other arguments) is BaseEventLoop.create_task. Python 3.10's create_task
+   and Task take no context: there a context= goes to BaseEventLoop.create_task too, which
+   raises the TypeError asyncio's loop raises. */
 static PyObject *LoopCore_create_task(LoopCore *self, PyObject *const *args, size_t nargsf,
                                       PyObject *kwnames)
 {
@@ -1157,7 +1166,7 @@ static PyObject *LoopCore_create_task(LoopCore *self, PyObject *const *args, siz
         PyObject *kw = PyTuple_GET_ITEM(kwnames, k);
         if (kw == str_name_kw)
             name = args[nargs + k];
-        else if (kw == str_context_kw)
+        else if (TASK_TAKES_CONTEXT && kw == str_context_kw)
             context = args[nargs + k];
         else
             plain = 0;
@@ -1166,7 +1175,7 @@ static PyObject *LoopCore_create_task(LoopCore *self, PyObject *const *args, siz
         return call_base(base_create_task, self, args, nargsf, kwnames);
     if (check_open(self) < 0)
         return NULL;
-    PyObject *stack[4] = {args[0], (PyObject *)self, name, context};
+    PyObject *stack[4] = {args[0], (PyObject *)self, name, context}; /* (3.10: no context) */
     return call_module_class(tasks_dict, str_Task, stack, 1, task_kwnames);
 }
 
