@@ -754,10 +754,11 @@ PyObject *ring_wait(Ring *r, double timeout, const Py_ssize_t *ready)
                             "URINGLOOP_SINGLE_ISSUER=0");
             return NULL;
         case EBADR:
-            PyErr_WarnEx(PyExc_RuntimeWarning,
-                         "io_uring dropped completions (EBADR): the CQ overflowed while the kernel "
-                         "could not buffer them",
-                         1);
+            if (PyErr_WarnEx(PyExc_RuntimeWarning,
+                             "io_uring dropped completions (EBADR): the CQ overflowed while the "
+                             "kernel could not buffer them",
+                             1) < 0)
+                return NULL; /* (warnings as errors) */
             break;
         default:
             errno = -ret;
