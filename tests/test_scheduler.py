@@ -393,6 +393,208 @@ def test_keyboard_interrupt_leaves_the_rest_of_the_batch_queued(exc):
     assert same_on_each_loop(scenario) == ["a", "raised", 1, "c"]
 
 
+def _interrupt():
+    raise KeyboardInterrupt
+
+
+def _interrupted_iteration(loop, where, log):
+    """One iteration with a handle ready before the wait (it schedules "soon"), a timer
+    due ("timer") and, for where="reader", an add_reader callback; `where` raises
+    KeyboardInterrupt. Returns the socketpair it used (or None)."""
+    pair = None
+    if where == "reader":
+        pair = socket.socketpair()
+        r, w = pair
+
+        def readable():
+            loop.remove_reader(r)
+            r.recv(10)
+            raise KeyboardInterrupt
+
+        loop.add_reader(r, readable)
+        run_iterations(loop, 1)  # the poll armed
+        w.send(b"y")
+    now = loop.time()
+    if where == "timer":
+        loop.call_at(now - 2, _interrupt)
+    loop.call_at(now - 1, log.append, "timer")
+
+    def ready():
+        log.append("ready")
+        loop.call_soon(log.append, "soon")
+
+    loop.call_soon(ready)
+    if where == "ready":
+        loop.call_soon(_interrupt)
+    try:
+        loop.run_forever()
+    except KeyboardInterrupt:
+        log.append("interrupted")
+    return pair
+
+
+@pytest.mark.parametrize("where", ["ready", "timer", "reader"])
+def test_interrupt_leaves_the_rest_of_the_iteration_ahead_of_what_it_scheduled(where):
+    """asyncio's iteration is one batch (ready handles, I/O, timers due) in _ready ahead
+    of what the batch schedules: after a KeyboardInterrupt, the rest of the batch (here
+    the timer that was due) runs before a handle that the batch's first handle
+    scheduled. A loop that takes timers or readiness handles out of the queue must put
+    them back at the front, not behind that handle."""
+
+    def scenario(loop):
+        log = []
+        pair = _interrupted_iteration(loop, where, log)
+        run_iterations(loop, 2)
+        if pair:
+            pair[0].close()
+            pair[1].close()
+        return log
+
+    assert same_on_each_loop(scenario) == ["ready", "interrupted", "timer", "soon"]
+
+
+class _Tally:
+    """Callbacks whose handles are counted: each handle holds a bound method of it."""
+
+    def __init__(self):
+        self.ran = []
+
+    def hit(self, tag):
+        self.ran.append(tag)
+
+
+@pytest.mark.parametrize(
+    "fault", ["ready", "timer", "reader", "process_events", "data_received", "none"]
+)
+def test_interrupted_iterations_release_every_handle_once(fault):
+    """An iteration with more due timers and readiness handles than fit a small batch,
+    cut short by a KeyboardInterrupt at each place one can come from (a ready handle, a
+    timer, an add_reader callback, _process_events, a transport's data_received): every
+    callback still runs exactly once in later iterations, and once the loop is closed
+    nothing holds a handle (the callback's reference count is back where it began)."""
+
+    def scenario(loop):
+        tally = _Tally()
+        base = sys.getrefcount(tally)
+        n = 40
+        pairs = [socket.socketpair() for _ in range(n)]
+
+        def readable(i):
+            loop.remove_reader(pairs[i][0])
+            pairs[i][0].recv(10)
+            tally.hit(("reader", i))
+            if fault == "reader" and i == n // 2:
+                raise KeyboardInterrupt
+
+        for i, (r, _) in enumerate(pairs):
+            loop.add_reader(r, readable, i)
+        run_iterations(loop, 1)  # the polls armed
+
+        class Proto(asyncio.Protocol):
+            def data_received(self, data):
+                tally.hit("data_received")
+                if fault == "data_received":
+                    raise KeyboardInterrupt
+
+        async def connect():
+            a, b = socket.socketpair()
+            transport, _ = await loop.create_connection(Proto, sock=b)
+            await asyncio.sleep(0)
+            return a, transport
+
+        peer, transport = loop.run_until_complete(connect())
+        faults = []
+        if fault == "process_events":
+            process_events = loop._process_events
+
+            def failing(event_list):
+                process_events(event_list)
+                if not faults:
+                    faults.append(1)
+                    raise KeyboardInterrupt
+
+            loop._process_events = failing
+        now = loop.time()
+        for i in range(n):
+            if fault == "timer" and i == n // 2:
+                loop.call_at(now - 1 - i * 1e-3, _interrupt)
+            loop.call_at(now - 1 - i * 1e-3, tally.hit, ("timer", i))
+        for i in range(n):
+            loop.call_soon(tally.hit, ("ready", i))
+            if fault == "ready" and i == n // 2:
+                loop.call_soon(_interrupt)
+        for _, w in pairs:
+            w.send(b"y")
+        peer.send(b"x")
+        interrupted = 0
+        for _ in range(20):
+            try:
+                run_iterations(loop, 1)
+            except KeyboardInterrupt:
+                interrupted += 1
+            if len(tally.ran) == 3 * n + 1:
+                break
+        if fault == "process_events":
+            del loop._process_events
+        transport.close()
+        run_iterations(loop, 2)
+        peer.close()
+        for r, w in pairs:
+            r.close()
+            w.close()
+        loop.close()
+        gc.collect()
+        return interrupted, sorted(map(repr, tally.ran)), sys.getrefcount(tally) - base
+
+    interrupted, ran, held = same_on_each_loop(scenario)
+    assert interrupted == (fault != "none")
+    assert len(ran) == 3 * 40 + 1 and len(set(ran)) == len(ran)
+    assert held == 0
+
+
+def test_due_timers_outlive_a_collection_run_by_a_handle_of_their_iteration():
+    """Timers that came due are the iteration's once it has taken them out, before the
+    handles ready ahead of them run: a full collection run by one of those handles must
+    not free a timer's callback (here a cycle that only the timer holds), and each timer
+    still runs once and is released afterwards."""
+
+    class Node:
+        def __init__(self, log, i):
+            self.me = self  # garbage unless the timer holds it
+            self.log, self.i = log, i
+
+        def fire(self):
+            self.log.append(self.i)
+
+    def scenario(loop):
+        n = 100
+        log, refs = [], []
+        when = loop.time() + 0.05
+        for i in range(n):
+            node = Node(log, i)
+            refs.append(weakref.ref(node))
+            loop.call_at(when + i * 1e-6, node.fire)
+        del node
+        run_iterations(loop, 1)  # scheduled in an earlier iteration (settled)
+        time.sleep(0.06)  # all due now
+
+        def collect():
+            gc.collect()
+            alive = sum(r() is not None for r in refs)
+            log.append(alive == n - len(log))  # every timer not yet run is alive
+
+        loop.call_soon(collect)
+        run_iterations(loop, 1)
+        gc.collect()
+        return (
+            [x for x in log if x is True or x is False],
+            sorted(x for x in log if type(x) is int) == list(range(n)),
+            sum(r() is not None for r in refs),
+        )
+
+    assert same_on_each_loop(scenario) == ([True], True, 0)
+
+
 # ------------------------------------------------------------ contexts
 
 
