@@ -94,7 +94,7 @@ ASAN_RUN = LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" PYTHONMALLOC=malloc 
 	rm -rf build .venv-asan
 	$(PYTHON) -m venv .venv-asan
 	.venv-asan/bin/pip install -q --upgrade pip
-	.venv-asan/bin/pip install -q 'pytest>=8' 'pytest-asyncio>=1.5' uvloop cffi setuptools wheel
+	.venv-asan/bin/pip install -q 'pytest>=8' 'pytest-asyncio>=1.5' uvloop cffi 'setuptools>=77' wheel
 	URINGLOOP_CFLAGS="$(ASAN_FLAGS)" URINGLOOP_LDFLAGS="-fsanitize=address,undefined" \
 		.venv-asan/bin/pip install -q --no-build-isolation --no-cache-dir .
 	rm -rf build
