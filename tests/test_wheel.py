@@ -84,6 +84,32 @@ def hidden(argv: list[str], *patterns: str, timeout: float = 300, **kwargs):
     )
 
 
+def build(python: str, dist, *args: str) -> None:
+    """native/wheels.py (what `make wheels` runs) for one interpreter, into dist."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "native", "wheels.py"), "--python", python]
+        + ["--out", str(dist), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def venv_with(python: str, venv, *packages: str):
+    """A fresh venv of python with packages (paths or requirements) installed."""
+    subprocess.run([python, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    proc = subprocess.run(
+        [*pip, "--disable-pip-version-check", *packages],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return venv
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """(the wheel, the sdist, a fresh venv with the wheel installed)."""
@@ -94,32 +120,11 @@ def built(tmp_path_factory):
         pytest.fail(f"no private mount namespace here (needs root): {probe.stderr.strip()}")
     tmp = tmp_path_factory.mktemp("wheel")
     dist = tmp / "dist"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "native", "wheels.py"), "--out", str(dist)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    build(sys.executable, dist)
     (wheel,) = dist.glob("*.whl")
     (sdist,) = dist.glob("*.tar.gz")
-    venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    pip = [
-        str(venv / "bin" / "python"),
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "--disable-pip-version-check",
-    ]
-    proc = subprocess.run(
-        [*pip, str(wheel), "pytest>=8", "pytest-asyncio>=1.5", "uvloop"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    packages = ("pytest>=8", "pytest-asyncio>=1.5", "uvloop")
+    venv = venv_with(sys.executable, tmp / "venv", str(wheel), *packages)
     return wheel, sdist, venv
 
 
@@ -252,27 +257,9 @@ def test_wheel_for_python_3_10_runs_tasks_timers_and_streams(tmp_path):
     context): its wheel, installed and run with liburing and the compilers hidden."""
     python = oldest_supported_python()
     dist = tmp_path / "dist"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "native", "wheels.py"), "--no-sdist"]
-        + ["--python", python, "--out", str(dist)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    build(python, dist, "--no-sdist")
     (wheel,) = dist.glob("*-cp310-*.whl")
-    venv = tmp_path / "venv"
-    subprocess.run([python, "-m", "venv", str(venv)], check=True, timeout=120)
-    pip = [
-        str(venv / "bin" / "python"),
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "--disable-pip-version-check",
-    ]
-    proc = subprocess.run([*pip, str(wheel)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    venv = venv_with(python, tmp_path / "venv", str(wheel))
     script = textwrap.dedent(
         """        import asyncio, contextvars, uringloop
         var = contextvars.ContextVar("var", default="unset")
