@@ -9,11 +9,10 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "native"))
 
-from build_uring import check_liburing, dataplane_compile_args, liburing_link  # noqa: E402
+from build_uring import LIBURING, check_liburing, dataplane_compile_args  # noqa: E402
 from setuptools import Extension, setup  # noqa: E402
 
 check_liburing()
-LIBURING = liburing_link()
 
 setup(
     cffi_modules=["native/build_uring.py:ffibuilder"],

@@ -415,15 +415,15 @@ int ul_try_multishot_accept(struct io_uring *ring)
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
+LIBURING = liburing_link()
 ffibuilder.set_source(
     "uringloop._uring",
     SOURCE,
-    libraries=liburing_link()["libraries"],
-    extra_objects=liburing_link()["extra_objects"],
+    libraries=LIBURING["libraries"],
+    extra_objects=LIBURING["extra_objects"],
     include_dirs=[HERE],
     extra_compile_args=dataplane_compile_args(),
-    extra_link_args=liburing_link()["extra_link_args"]
-    + os.environ.get("URINGLOOP_LDFLAGS", "").split(),
+    extra_link_args=LIBURING["extra_link_args"] + os.environ.get("URINGLOOP_LDFLAGS", "").split(),
 )
 
 if __name__ == "__main__":

@@ -142,6 +142,15 @@ def same(got: bytes | bytearray, want: bytes) -> bool:
     raise AssertionError(f"{len(got)} bytes, {len(want)} expected; first difference at {first}")
 
 
+def log_tail(path: str, lines: int = 40) -> str:
+    """The last lines of a server's log file, for a failure message."""
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError as exc:
+        return f"(no log: {exc})"
+
+
 def free_port() -> int:
     import socket
 

@@ -36,7 +36,7 @@ import uuid
 
 import asyncpg
 import pytest
-from conftest import CERTS, free_port
+from conftest import CERTS, free_port, log_tail
 
 import uringloop
 
@@ -66,11 +66,7 @@ class Cluster:
         return os.path.join(self.root, "server.log")
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            with open(self.log, errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError as exc:
-            return f"(no log: {exc})"
+        return log_tail(self.log, lines)
 
     def run(self, tool: str, *args: str, timeout: float = 60) -> None:
         """Runs one of the server's tools as the cluster's owner; fails with its output."""

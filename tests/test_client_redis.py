@@ -28,7 +28,7 @@ import traceback
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
-from conftest import free_port, same
+from conftest import free_port, log_tail, same
 from redis._parsers import _AsyncHiredisParser, _AsyncRESP2Parser, _AsyncRESP3Parser
 from redis.asyncio.retry import Retry
 from redis.backoff import ConstantBackoff, NoBackoff
@@ -61,11 +61,7 @@ class RedisServer:
         return os.path.join(self.root, "redis.log")
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            with open(self.log, errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError as exc:
-            return f"(no log: {exc})"
+        return log_tail(self.log, lines)
 
     def start(self) -> None:
         """Starts the server (again, on the same port and socket) and waits until PING
