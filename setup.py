@@ -29,6 +29,7 @@ setup(
                 "native/datagram.c",
                 "native/zcbuf.c",
                 "native/sched.c",
+                "native/forward.c",
                 "native/bufpool.c",
             ],
             depends=["native/dataplane.h", "native/bufpool.h", "native/compat.h"],

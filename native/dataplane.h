@@ -116,6 +116,7 @@ enum ul_kind {
     UL_RESULT,       /* splice, one-shot poll: the future gets the CQE's result (may be linked) */
     UL_RECVFROM,      /* sock_recvfrom: a RECVMSG, result (bytes, address) */
     UL_RECVFROM_INTO, /* sock_recvfrom_into: a RECVMSG into the caller's buffer, (n, address) */
+    UL_FORWARD_POLL,  /* loop.forward()'s one-shot POLL: fut is the Forward, pumped at its CQE */
     /* stream kinds: dispatch sends UL_STREAM_RECV..UL_STREAM_ZC to the stream */
     UL_STREAM_RECV, /* a stream transport's read: data goes to the protocol */
     UL_STREAM_SEND, /* a stream transport's copied send */
@@ -283,7 +284,7 @@ typedef struct Stream {
     uint8_t rx_small_buffer; /* the BufferedProtocol's buffers are small: receive into ours */
     uint8_t send_broken;     /* a send failed: nothing more goes (stream_send_failed) */
     uint8_t pin_waiting;     /* on the ring's pin_waiters list */
-    uint8_t sendfile_active; /* loop.sendfile() owns the socket's send side */
+    uint8_t sendfile_active; /* 1 loop.sendfile(), 2 loop.forward() owns the send side */
     int rx_res;              /* the ended recv's final result (0 EOF, -errno) */
     int held_end;            /* while paused: 1 EOF, -errno an error, after the held data */
     /* bytes received that the protocol never got because the transport closed first
@@ -386,6 +387,12 @@ void fut_resolve(PyObject *fut, PyObject *value, int is_exc);
 void fut_fail(PyObject *fut, int err);
 void fut_resolve_count(PyObject *fut, int res);
 int fut_is_done(PyObject *fut);
+
+/* ------------------------------------------------------------ forward.c */
+
+extern PyTypeObject ForwardType;
+/* A UL_FORWARD_POLL completed (its record already freed): the Forward pumps on. */
+void forward_polled(Ring *r, PyObject *forward, uint64_t key, int res);
 
 void pin(Ring *r, ul_op *op, size_t len);
 void unpin(Ring *r, ul_op *op);

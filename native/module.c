@@ -90,7 +90,8 @@ PyMODINIT_FUNC PyInit__dataplane(void)
         return NULL;
     if (PyType_Ready(&RingType) < 0 || PyType_Ready(&StreamType) < 0 ||
         PyType_Ready(&BufferPoolType) < 0 || PyType_Ready(&ZeroCopyBufferType) < 0 ||
-        PyType_Ready(&LoopCoreType) < 0 || sched_ready_types() < 0 || dgram_ready_type() < 0)
+        PyType_Ready(&LoopCoreType) < 0 || PyType_Ready(&ForwardType) < 0 ||
+        sched_ready_types() < 0 || dgram_ready_type() < 0)
         return NULL;
     static int atfork_done = 0;
     if (!atfork_done) {
@@ -108,7 +109,7 @@ PyMODINIT_FUNC PyInit__dataplane(void)
     if (add_type(m, "Ring", &RingType) < 0 || add_type(m, "Stream", &StreamType) < 0 ||
         add_type(m, "Datagram", &DatagramType) < 0 ||
         add_type(m, "ZeroCopyBuffer", &ZeroCopyBufferType) < 0 ||
-        add_type(m, "LoopCore", &LoopCoreType) < 0 ||
+        add_type(m, "LoopCore", &LoopCoreType) < 0 || add_type(m, "Forward", &ForwardType) < 0 ||
         PyModule_AddIntConstant(m, "FAULT_INJECTION", fault_injection) < 0) {
         Py_DECREF(m);
         return NULL;

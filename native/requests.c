@@ -656,6 +656,14 @@ void request_complete(Ring *r, ul_op *op, int res, unsigned flags)
     }
     op->armed = 0;
     r->inflight--;
+    if (op->kind == UL_FORWARD_POLL) {
+        PyObject *forward = Py_NewRef(op->fut);
+        uint64_t key = op_key(op);
+        op_free(r, op);
+        forward_polled(r, forward, key, res);
+        Py_DECREF(forward);
+        return;
+    }
     /* A future cancelled before its cancel reached the kernel counts as gone too:
        its data must not vanish into a done future. */
     int gone = op->cancelled || (op->fut && fut_is_done(op->fut));

@@ -351,10 +351,10 @@ static PyObject *Stream_set_eof(Stream *s, PyObject *unused)
 
 static PyObject *Stream_set_sendfile_active(Stream *s, PyObject *flag)
 {
-    int on = PyObject_IsTrue(flag);
-    if (on < 0)
+    long on = PyLong_AsLong(flag);
+    if (on == -1 && PyErr_Occurred())
         return NULL;
-    s->sendfile_active = (uint8_t)on;
+    s->sendfile_active = (uint8_t)(on == 1 || on == 2 ? on : on != 0);
     Py_RETURN_NONE;
 }
 
@@ -434,6 +434,27 @@ static PyObject *Stream_get_reading(Stream *s, void *c) { return PyBool_FromLong
 
 static PyObject *Stream_get_forked(Stream *s, void *c) { return PyBool_FromLong(ring_forked(s->ring)); }
 
+/* take_held() on a paused stream, for loop.forward(): (bytes or None, end). The
+   data a receive brought in while paused is the caller's now; end (0 none, 1 EOF,
+   -errno an error) stays held, for the protocol once reading resumes. */
+static PyObject *Stream_take_held(Stream *s, PyObject *unused)
+{
+    if (stream_check_fork(s) < 0)
+        return NULL;
+    if (s->reading) {
+        PyErr_SetString(PyExc_RuntimeError, "take_held() needs a paused stream");
+        return NULL;
+    }
+    PyObject *held = s->held ? s->held : Py_NewRef(Py_None);
+    s->held = NULL;
+    return Py_BuildValue("(Ni)", held, s->held_end);
+}
+
+static PyObject *Stream_get_recv_in_kernel(Stream *s, void *c)
+{
+    return PyBool_FromLong(s->recv_armed);
+}
+
 static PyObject *Stream_get_holding(Stream *s, void *c)
 {
     return PyBool_FromLong(s->held != NULL || s->held_end != 0);
@@ -512,7 +533,9 @@ static PyMethodDef Stream_methods[] = {
     {"notify_when_flushed", (PyCFunction)Stream_notify_when_flushed, METH_NOARGS, NULL},
     {"set_eof", (PyCFunction)Stream_set_eof, METH_NOARGS, "refuse further writes"},
     {"set_sendfile_active", (PyCFunction)Stream_set_sendfile_active, METH_O,
-     "while true, write() raises RuntimeError: loop.sendfile() owns the send side"},
+     "while 1 (sendfile) or 2 (forward), write() raises RuntimeError: they own the send side"},
+    {"take_held", (PyCFunction)Stream_take_held, METH_NOARGS,
+     "paused: (data held or None, end) - the data becomes the caller's, the end stays"},
     {"notify_when_recv_over", (PyCFunction)Stream_notify_when_recv_over, METH_NOARGS,
      "closed: whether a receive is still in the kernel (owner._stream_recv_over() follows)"},
     {"close_now", (PyCFunction)Stream_close_now, METH_NOARGS,
@@ -535,6 +558,8 @@ static PyGetSetDef Stream_getset[] = {
     {"zerocopy", (getter)Stream_get_zerocopy, NULL, "whether large writes go out with SEND_ZC"},
     {"reading", (getter)Stream_get_reading, NULL, NULL},
     {"forked", (getter)Stream_get_forked, NULL, "True in a child forked after the loop was made"},
+    {"recv_in_kernel", (getter)Stream_get_recv_in_kernel, NULL,
+     "whether a receive of this stream is still the kernel's (even after a cancel)"},
     {"holding", (getter)Stream_get_holding, NULL,
      "whether data or an EOF read while paused waits for start_reading()"},
     {"dropped_bytes", (getter)Stream_get_dropped_bytes, NULL,

@@ -587,7 +587,9 @@ PyObject *Stream_write(Stream *s, PyObject *data)
         return NULL;
     }
     if (s->sendfile_active) {
-        PyErr_SetString(PyExc_RuntimeError, "unable to write; sendfile is in progress");
+        PyErr_SetString(PyExc_RuntimeError, s->sendfile_active == 2
+                                                ? "unable to write; forward() is in progress"
+                                                : "unable to write; sendfile is in progress");
         return NULL;
     }
     if (stream_check_fork(s) < 0)

@@ -85,6 +85,10 @@ def info() -> int:
     accept = "multishot ACCEPT" if features.multishot_accept else "ACCEPT, one per connection"
     print(f"  servers                  {accept}; sockets handed in: POLL + accept()")
     print("  sendfile                 SPLICE file -> pipe -> socket")
+    print(
+        "  forward                  splice(2) socket -> pipe -> socket in the loop thread, "
+        "waits by POLL"
+    )
     print("  child processes          POLL on a pidfd")
     return 0
 

@@ -48,7 +48,7 @@ from asyncio import base_events, events, exceptions, format_helpers, unix_events
 from collections.abc import Callable
 from typing import Any
 
-from . import _ring
+from . import _forward, _ring
 from ._datagram import DEFAULT_DGRAM_ZC_THRESHOLD, RingDatagramTransport
 from ._dataplane import LoopCore, Ring, ZeroCopyBuffer
 from ._splice import SplicePipes, splice_file_to_socket
@@ -327,7 +327,15 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
         self._own_listeners: weakref.WeakSet[socket.socket] = weakref.WeakSet()
         self._child_pidfds: dict[int, int] = {}  # pid -> pidfd, children being waited for
         self._splice_pipes = SplicePipes()
-        self._splice_stats = {"sendfile_calls": 0, "sendfile_spliced_bytes": 0}
+        self._splice_stats = {
+            "sendfile_calls": 0,
+            "sendfile_spliced_bytes": 0,
+            "forward_calls": 0,
+            "forward_spliced_bytes": 0,
+            "forward_copied_bytes": 0,
+        }
+        # loop.forward() splices where the kernel has both halves of its chains
+        self._splice_forwarding = features.has("SPLICE") and features.has("POLL_ADD")
         self._recv_backlog: dict[int, _RecvBacklog] = {}  # fd -> cancelled receives
         self._attach_ring(self._ring)
         try:
@@ -623,7 +631,10 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
         arena), ``registered_pool_bytes`` and ``zerocopy_buffer_bytes`` (handed out by
         `alloc_zerocopy_buffer` and still alive); ``sendfile_calls`` and
         ``sendfile_spliced_bytes`` count file data that `sendfile`/`sock_sendfile` moved
-        to sockets inside the kernel.
+        to sockets inside the kernel; ``forward_calls``, ``forward_spliced_bytes`` (moved
+        socket to socket inside the kernel) and ``forward_copied_bytes`` (through user
+        space: a copy fallback, bytes received before the forward began, bytes left in
+        the pipe when it stopped) count `forward()`.
         """
         return {**self._ring.zerocopy_stats(), **self._splice_stats}
 
@@ -1100,6 +1111,48 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
             transp._reset_empty_waiter()
             if resume_reading:
                 transp.resume_reading()
+
+    # ------------------------------------------------------------ forwarding
+
+    async def forward(
+        self,
+        src: asyncio.Transport,
+        dst: asyncio.Transport,
+        *,
+        write_eof: bool = True,
+        pipe_size: int | None = None,
+        splice: bool = True,
+    ) -> int:
+        """Move the bytes src receives to dst inside the kernel, until src's EOF.
+
+        Returns how many bytes reached dst. Both are stream transports of this loop
+        (TCP or Unix), not TLS (TypeError: TLS bytes must be decrypted in user space).
+        The bytes go socket -> pipe -> socket with IORING_OP_SPLICE, never through the
+        process; the two directions of a proxy are two concurrent calls.
+
+        - Meanwhile src's protocol gets no data (reading is paused; its own
+          pause_reading()/resume_reading() take effect at the end) and dst.write()
+          raises RuntimeError. Bytes src had received but not yet delivered go to dst
+          first, after everything dst had queued.
+        - Back-pressure: the pipe (``pipe_size`` bytes, default 256 KiB, less where
+          the system's pipe limits say so) is the only buffer; while it is full,
+          nothing is read from src.
+        - At src's EOF the pipe is emptied, then ``dst.write_eof()`` is called unless
+          ``write_eof`` is false. src's protocol hears the EOF itself once reading
+          resumes (a protocol whose eof_received() returns a false value closes src,
+          as it would have without the forward).
+        - Errors: src's (a reset) is raised after the pipe's bytes reached dst; dst's
+          is raised at once. close() or abort() of either transport ends the forward
+          with ConnectionResetError. On those and on cancellation, the requests in
+          flight are waited for, and bytes left in the pipe are written to dst while
+          it is open: never lost while both connections are alive.
+        - Where splice cannot be used (a kernel without it, sockets that refuse it,
+          ``splice=False``), the same semantics hold with a copy through user space.
+          `zerocopy_stats()` counts ``forward_spliced_bytes`` and ``forward_copied_bytes``.
+        """
+        return await _forward.forward(
+            self, src, dst, write_eof=write_eof, pipe_size=pipe_size, splice=splice
+        )
 
     # ------------------------------------------------------------ signals
 

@@ -46,6 +46,26 @@ class SplicePipes:
     def __init__(self) -> None:
         self._idle: list[tuple[int, int, int]] = []
         self._deferred: list[tuple[int, int, int]] = []
+        self._forwarding: set[tuple[int, int, int]] = set()  # loop.forward()'s own
+
+    def open_sized(self, wanted: int) -> tuple[int, int, int]:
+        """A new pipe for loop.forward(), as large as allowed up to wanted bytes; it is
+        closed by close_now() or, if the loop closes first, by close()."""
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            size = fcntl.fcntl(w, F_SETPIPE_SZ, wanted)
+        except OSError:
+            size = fcntl.fcntl(w, F_GETPIPE_SZ)
+        pipe = (r, w, size)
+        self._forwarding.add(pipe)
+        return pipe
+
+    def close_now(self, pipe: tuple[int, int, int]) -> None:
+        """A forward's pipe whose requests are all complete."""
+        if pipe in self._forwarding:
+            self._forwarding.discard(pipe)
+            os.close(pipe[0])
+            os.close(pipe[1])
 
     def take(self) -> tuple[int, int, int]:
         """(read fd, write fd, capacity) of an empty pipe."""
@@ -80,6 +100,8 @@ class SplicePipes:
 
     def close(self) -> None:
         """Close every pipe; the ring is closed (its requests are gone) by now."""
+        self._deferred.extend(self._forwarding)
+        self._forwarding.clear()
         while self._idle or self._deferred:
             r, w, _ = (self._idle or self._deferred).pop()
             os.close(r)

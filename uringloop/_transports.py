@@ -10,6 +10,7 @@ the decisions that are rare: EOF, errors, close, abort, write_eof.
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import inspect
 import os
@@ -148,6 +149,10 @@ class RingStreamTransport(ProtocolFlowControl, transports._FlowControlMixin, tra
         self._linger_timer: asyncio.TimerHandle | None = None
         self._empty_waiter: asyncio.Future | None = None
         self._sock_after_sendfile: socket.socket | None = None
+        # loop.forward(): the Forwarder reading from this transport's socket, and the
+        # one writing to it (which holds _empty_waiter, as a sendfile does)
+        self._forward_src: Any = None
+        self._forward_dst: Any = None
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             base_events._set_nodelay(sock)
         self._stream = Stream(
@@ -175,26 +180,29 @@ class RingStreamTransport(ProtocolFlowControl, transports._FlowControlMixin, tra
         return f"<RingStreamTransport fd={self._sock_fd} {state}>"
 
     def _start_reading(self) -> None:
-        if not self._closing and not self._paused:
+        if not self._closing and not self._paused and self._forward_src is None:
             self._stream.start_reading()
 
     # ------------------------------------------------------------ reading
 
     def is_reading(self) -> bool:
-        return not self._paused and not self._closing
+        return not self._paused and not self._closing and self._forward_src is None
 
     def pause_reading(self) -> None:
         self._stream.ensure_usable()  # RuntimeError in a forked child
         if self._closing or self._paused:
             return
         self._paused = True
-        self._stream.pause_reading()
+        if self._forward_src is None:  # (a forward keeps the stream paused itself)
+            self._stream.pause_reading()
 
     def resume_reading(self) -> None:
         self._stream.ensure_usable()
         if self._closing or not self._paused:
             return
         self._paused = False
+        if self._forward_src is not None:
+            return  # remembered: reading resumes when the forward ends
         if self._stream.holding:
             # What a recv brought in while paused goes to the protocol from the loop,
             # never from inside resume_reading(): StreamReader resumes first and only
@@ -204,8 +212,43 @@ class RingStreamTransport(ProtocolFlowControl, transports._FlowControlMixin, tra
             self._stream.start_reading()
 
     def _deliver_held(self) -> None:
-        if not self._paused and not self._closing:
+        if not self._paused and not self._closing and self._forward_src is None:
             self._stream.start_reading()
+
+    # ------------------------------------------------------------ loop.forward()
+
+    def _forward_begin(self, forwarder: Any) -> None:
+        """This transport's socket is forward()'s source from now: the stream stops
+        reading (the protocol's own pause/resume are remembered for the end)."""
+        self._forward_src = forwarder
+        self._stream.pause_reading()
+
+    def _forward_end(self) -> None:
+        self._forward_src = None
+        if not self._paused and not self._closing:
+            self._loop.call_soon(self._deliver_held)
+        self._close_after_splices()
+
+    def _forward_write(self, data: bytes) -> asyncio.Future:
+        """While forward() owns the send side: data goes out ahead of the splices; the
+        future is done once everything queued is sent."""
+        self._stream.set_sendfile_active(0)
+        try:
+            self._stream.write(data)
+        finally:
+            self._stream.set_sendfile_active(2)
+        waiter = self._empty_waiter
+        if waiter is None or waiter.done():
+            waiter = self._empty_waiter = self._loop.create_future()
+        self._stream.notify_when_flushed()
+        return waiter
+
+    def _close_after_splices(self) -> None:
+        """The socket's close waited for the splices naming its fd (see _call_connection_lost)."""
+        if self._empty_waiter is None and self._forward_src is None:
+            sock, self._sock_after_sendfile = self._sock_after_sendfile, None
+            if sock is not None:
+                self._close_socket(sock)
 
     # ------------------------------------------------------------ writing
 
@@ -256,8 +299,9 @@ class RingStreamTransport(ProtocolFlowControl, transports._FlowControlMixin, tra
         self._set_write_buffer_limits(high=high, low=low)
         self._stream.set_write_buffer_limits(self._high_water, self._low_water)
 
-    def _make_empty_waiter(self) -> asyncio.Future:
-        """For loop.sendfile(): a future done once every write so far went out.
+    def _make_empty_waiter(self, owner: int = 1) -> asyncio.Future:
+        """For loop.sendfile() (owner 1) and loop.forward() (2): a future done once
+        every write so far went out.
 
         From now until _reset_empty_waiter(), write() raises RuntimeError, as asyncio's
         transports do while a sendfile owns the socket.
@@ -265,16 +309,14 @@ class RingStreamTransport(ProtocolFlowControl, transports._FlowControlMixin, tra
         if self._empty_waiter is not None:
             raise RuntimeError("Empty waiter is already set")
         self._empty_waiter = self._loop.create_future()
-        self._stream.set_sendfile_active(True)
+        self._stream.set_sendfile_active(owner)
         self._stream.notify_when_flushed()
         return self._empty_waiter
 
     def _reset_empty_waiter(self) -> None:
         self._empty_waiter = None
-        self._stream.set_sendfile_active(False)
-        sock, self._sock_after_sendfile = self._sock_after_sendfile, None
-        if sock is not None:
-            self._close_socket(sock)
+        self._stream.set_sendfile_active(0)
+        self._close_after_splices()
 
     # ------------------------------------------------------------ protocol
 
@@ -500,6 +542,9 @@ class RingStreamTransport(ProtocolFlowControl, transports._FlowControlMixin, tra
                 waiter.set_result(None)
             else:
                 waiter.set_exception(exc)
+        for forwarder in (self._forward_src, self._forward_dst):
+            if forwarder is not None:
+                forwarder.stop(ConnectionResetError(errno.ECONNRESET, "Connection lost"))
         self._stream.close_now()
         self._loop.call_soon(self._call_connection_lost, exc)
 
@@ -512,7 +557,7 @@ class RingStreamTransport(ProtocolFlowControl, transports._FlowControlMixin, tra
                 self._loop._transports.pop(self._sock_fd, None)
                 if self._stream.forked:
                     sock.close()  # the child's descriptor only: the socket is the parent's
-                elif self._empty_waiter is not None:
+                elif self._empty_waiter is not None or self._forward_src is not None:
                     # a splice may be using the fd: closing it could hand the number
                     # to another file under the kernel's feet
                     self._sock_after_sendfile = sock
