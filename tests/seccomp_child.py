@@ -36,9 +36,14 @@ class SockFprog(ctypes.Structure):
 
 
 def block_io_uring_setup(err: int) -> None:
+    block_syscall(NR_IO_URING_SETUP, err)
+
+
+def block_syscall(nr: int, err: int) -> None:
+    """From now on, system call number nr fails with err in this process."""
     prog = (SockFilter * 4)(
         SockFilter(0x20, 0, 0, 0),  # A = seccomp_data.nr
-        SockFilter(0x15, 0, 1, NR_IO_URING_SETUP),  # if A == io_uring_setup
+        SockFilter(0x15, 0, 1, nr),  # if A == nr
         SockFilter(0x06, 0, 0, SECCOMP_RET_ERRNO | err),  #   return -err
         SockFilter(0x06, 0, 0, SECCOMP_RET_ALLOW),  # else allow
     )
