@@ -91,11 +91,13 @@ def test_static_server_sends_files_without_reading_them(site):
     assert srv.proc.returncode == 0 and "Traceback" not in srv.output
 
 
-def test_tcp_proxy_forwards_both_ways_with_half_close():
+@pytest.mark.parametrize("mode", ["spliced", "copied"])
+def test_tcp_proxy_forwards_both_ways_with_half_close(mode):
     echo_port, proxy_port = free_port(), free_port()
     echo = ServerProcess(example("echo_server.py", "--port", str(echo_port)), ready="listening on")
     proxy_args = example(
         "tcp_proxy.py",
+        *(["--copy"] if mode == "copied" else []),
         "--listen",
         f"127.0.0.1:{proxy_port}",
         "--upstream",
@@ -103,7 +105,7 @@ def test_tcp_proxy_forwards_both_ways_with_half_close():
     )
     with echo, ServerProcess(proxy_args, ready="listening on") as proxy:
         assert "tcp proxy on UringEventLoop" in proxy.output
-        assert f"forwarding to 127.0.0.1:{echo_port}" in proxy.output
+        assert f"forwarding to 127.0.0.1:{echo_port} ({mode}" in proxy.output
         payloads = [os.urandom(n) for n in (1, 70_000, 5_000_000)]
 
         def through(payload: bytes) -> bytes:
