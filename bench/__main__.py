@@ -6,6 +6,7 @@ usage: python -m bench [--quick] [--only micro,echo,udp,http,clients,bulk,intern
                        [--loops asyncio,uvloop,rloop,uringloop] [--no-reference]
                        [--http-servers aiohttp,uvicorn,hypercorn] [--http-conns 16,128]
                        [--clients pg-select:1,pg-select:16,...]
+                       [--proxy-sizes 16384,262144,1048576] [--proxy-conns 1,16]
                        [--bulk-sizes 4096,...] [--udp-sizes 4096,...] [--bulk-mib 512]
                        [--udp-mib 1024] [--internals async_tree_none,...]
                        [--churn-cycles 100000] [--churn-size 4096] [--churn-conc 4] [--out DIR]
@@ -31,6 +32,11 @@ min/max and ratios between medians of the same invocation.
   the client on CPU 0 (bench/db_client.py): SELECT 1 round trips on 1 and 16
   connections, a fetch of 10,000 rows, SET/GET round trips on 1 and 16 connections and
   pipelines of 1,000 SETs; operations/s and the client's CPU per operation.
+- proxy: a TCP proxy between the C echo load generator and the C echo server (both on
+  CPU 1; the proxy on CPU 0): examples/tcp_proxy.py forwarding inside the kernel
+  (loop.forward(), "uringloop-splice") and copying through data_received()/write() on
+  uringloop, uvloop and asyncio; each request crosses it twice. Throughput and the
+  proxy's CPU per GiB moved.
 - bulk: one-way sends over loopback TCP and as UDP into a dead-end veth in a network
   namespace made for the run (bench/netns.py, needs root): throughput and the sender's CPU
   per GiB for copying, SEND_ZC of bytes and ZeroCopyBuffers.
@@ -63,7 +69,7 @@ from .loops import LOOPS
 from .report import Report, environment, progress, write
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("micro", "echo", "udp", "http", "clients", "bulk", "internals")
+PARTS = ("micro", "echo", "udp", "http", "clients", "proxy", "bulk", "internals")
 EXTRA_PARTS = ("churn",)  # only when named in --only
 
 FULL = {
@@ -79,6 +85,8 @@ FULL = {
     "http_paths": "/,/1m",
     "clients": "pg-select:1,pg-select:16,pg-fetch:1,redis-get-set:1,redis-get-set:16,"
     "redis-pipeline:1",
+    "proxy_sizes": "16384,262144,1048576",
+    "proxy_conns": "1,16",
     "bulk_sizes": "4096,16384,65536,262144,1048576,4194304",
     "udp_sizes": "4096,16384,32768,65000",
     "file_sizes": "1048576,67108864",
@@ -101,6 +109,8 @@ QUICK = {
     "http_conns": "64",
     "http_paths": "/",
     "clients": "pg-select:16,redis-get-set:16",
+    "proxy_sizes": "262144",
+    "proxy_conns": "1",
     "bulk_sizes": "65536",
     "udp_sizes": "65000",
     "file_sizes": "16777216",
@@ -155,7 +165,16 @@ def main() -> int:
     env = environment()
     results: dict = {"environment": env, "rounds": rounds, "seconds": args.seconds}
     results.update(
-        micro={}, echo=[], udp=[], http=[], clients=[], bulk=[], internals={}, churn=[], notes=[]
+        micro={},
+        echo=[],
+        udp=[],
+        http=[],
+        clients=[],
+        proxy=[],
+        bulk=[],
+        internals={},
+        churn=[],
+        notes=[],
     )
 
     modes, sizes, conns = words(args.modes), ints(args.sizes), ints(args.conns)
@@ -186,6 +205,11 @@ def main() -> int:
     if "clients" in args.parts and clients_reason:
         results["notes"].append(f"clients skipped: {clients_reason}")
         args.parts.remove("clients")
+    proxy_cells = [(size, c) for size in ints(args.proxy_sizes) for c in ints(args.proxy_conns)]
+    proxy_variants = [v for v in runners.PROXY_VARIANTS if v.split("-")[0] in loops]
+    if "proxy" in args.parts and not runners.reference_server_available():
+        results["notes"].append("proxy skipped: the C echo server (upstream) cannot be built")
+        args.parts.remove("proxy")
     variants = [v for v in bulk.VARIANTS if v.split("-")[0] in loops]
     file_variants = [v for v in ("asyncio", "uvloop", "uringloop") if v in loops]
     udp_reason = netns.unavailable_reason()
@@ -202,6 +226,7 @@ def main() -> int:
         "udp": rounds * len(udp_echo_sizes) * len(udp_clients) * len(udp_servers),
         "http": rounds * len(http_cells) * len(loops),
         "clients": rounds * len(client_cells) * len(loops),
+        "proxy": rounds * len(proxy_cells) * len(proxy_variants),
         "bulk": rounds * (len(ints(args.bulk_sizes)) + len(udp_sizes)) * len(variants)
         + rounds * len(ints(args.file_sizes)) * len(file_variants),
         "internals": len(internals) * len(loops),
@@ -367,6 +392,38 @@ def main() -> int:
                     client_rows,
                 )
                 results["clients"].append({"work": work, "conns": c, **rows})
+
+    if "proxy" in args.parts and proxy_cells:
+        client = runners.build("echo_client")
+        proxy_ratios = [
+            (a, b)
+            for a, b in (
+                ("uringloop-splice", "uvloop-copy"),
+                ("uringloop-splice", "uringloop-copy"),
+                ("uringloop-splice", "asyncio-copy"),
+                ("uringloop-copy", "uvloop-copy"),
+            )
+            if a in proxy_variants and b in proxy_variants
+        ]
+        report.header(
+            "TCP proxy (C echo client -> proxy on CPU 0 -> C echo server)",
+            proxy_variants,
+            proxy_ratios,
+        )
+        proxy_rows = (
+            ("mib_per_s", "throughput", "MiB/s", True),
+            ("proxy_cpu_ms_per_gib", "proxy CPU", "ms/GiB", False),
+            ("peers_cpu_ms_per_gib", "client + server CPU", "ms/GiB", False),
+            ("p50_us", "p50", "us", False),
+        )
+        for size, c in proxy_cells:
+            rows = measure_cell(
+                f"proxy {size} B x{c}",
+                proxy_variants,
+                lambda v, size=size, c=c: runners.run_proxy(client, v, size, c, args.seconds),
+                proxy_rows,
+            )
+            results["proxy"].append({"size": size, "conns": c, **rows})
 
     if "bulk" in args.parts:
         bulk_ratios = [

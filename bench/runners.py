@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -70,16 +71,20 @@ class Unsupported(RuntimeError):
 
 
 @contextlib.contextmanager
-def server_on_cpu0(argv: list[str], what: str) -> Iterator[tuple[subprocess.Popen, str]]:
-    """Start a server that prints "READY <port>", pinned to CPU 0; yield it and its port."""
-    server = subprocess.Popen(pinned(0, argv), stdout=subprocess.PIPE, text=True, cwd=HERE.parent)
+def server_on_cpu0(
+    argv: list[str], what: str, cpu: int = 0, ready: str = r"READY (\d+)"
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Start a server whose first line says its port (`ready`), pinned to a CPU (0 unless
+    told); yield it and its port."""
+    server = subprocess.Popen(pinned(cpu, argv), stdout=subprocess.PIPE, text=True, cwd=HERE.parent)
     try:
         line = server.stdout.readline()
         if line.startswith("UNSUPPORTED"):
             raise Unsupported(f"{what}: {line[len('UNSUPPORTED') :].strip()}")
-        if not line.startswith("READY"):
+        match = re.search(ready, line)
+        if match is None:
             raise RuntimeError(f"{what} did not start: {line!r}")
-        yield server, line.split()[1]
+        yield server, match.group(1)
     finally:
         server.terminate()
         server.wait(10)
@@ -97,6 +102,51 @@ def run_echo(client: Path, loop: str, mode: str, size: int, conns: int, seconds:
     result = json.loads(out.stdout)
     result["server_cpu_us_per_req"] = (cpu1 - cpu0) * 1e6 / max(result["requests"], 1)
     return result
+
+
+# The proxy benchmark: uringloop forwarding inside the kernel (loop.forward()) and
+# copying proxies (examples/tcp_proxy.py --copy) on three loops.
+PROXY_VARIANTS = ("uringloop-splice", "uringloop-copy", "uvloop-copy", "asyncio-copy")
+
+
+def run_proxy(client: Path, variant: str, size: int, conns: int, seconds: float) -> dict:
+    """The echo load generator through a proxy (CPU 0) to the C echo server: each request
+    crosses the proxy twice (2 x size bytes). Throughput and the proxy's CPU per GiB
+    (its io-wq workers included: they are threads of its process)."""
+    loop, mode = variant.rsplit("-", 1)
+    upstream_argv = echo_server_argv(REFERENCE, "protocol")
+    with server_on_cpu0(upstream_argv, "C echo upstream", cpu=1) as (upstream, upstream_port):
+        proxy_argv = [
+            sys.executable,
+            str(HERE.parent / "examples" / "tcp_proxy.py"),
+            f"--loop={loop}",
+            *(["--copy"] if mode == "copy" else []),
+            "--listen=127.0.0.1:0",
+            f"--upstream=127.0.0.1:{upstream_port}",
+        ]
+        with server_on_cpu0(proxy_argv, f"{variant} proxy", ready=r"listening on \S+:(\d+)") as (
+            proxy,
+            port,
+        ):
+            argv = pinned(1, [str(client), "127.0.0.1", port, str(conns), str(size)])
+            subprocess.run([*argv, str(min(0.5, seconds / 4))], capture_output=True, check=True)
+            cpu0, peers0 = cpu_seconds(proxy.pid), cpu_seconds(upstream.pid) + children_cpu()
+            out = subprocess.run([*argv, str(seconds)], capture_output=True, text=True, check=True)
+            cpu1, peers1 = cpu_seconds(proxy.pid), cpu_seconds(upstream.pid) + children_cpu()
+    result = json.loads(out.stdout)
+    gib = max(result["requests"], 1) * 2 * size / (1 << 30)
+    result["mib_per_s"] = result["rps"] * 2 * size / (1 << 20)
+    result["proxy_cpu_ms_per_gib"] = (cpu1 - cpu0) * 1e3 / gib
+    # the C client's and the C echo server's CPU (CPU 1): what the proxy's way of
+    # sending costs its peers
+    result["peers_cpu_ms_per_gib"] = (peers1 - peers0) * 1e3 / gib
+    return result
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's waited-for children (the load generator runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def udp_rcvbuf(size: int, clients: int) -> int:

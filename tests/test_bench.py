@@ -27,6 +27,8 @@ def test_bench_runs_in_its_shortest_mode(tmp_path):
             "--http-paths=/",
             "--http-conns=8",
             "--clients=pg-select:2,redis-pipeline:1",
+            "--proxy-sizes=65536",
+            "--proxy-conns=1",
             "--bulk-sizes=65536",
             "--udp-sizes=16384",
             "--bulk-mib=16",
@@ -56,6 +58,16 @@ def test_bench_runs_in_its_shortest_mode(tmp_path):
     for cell in data["clients"]:
         assert set(cell["ops_per_s"]) == {"asyncio", "uvloop", "rloop", "uringloop"}, cell
         assert all(v["median"] > 0 for v in cell["client_cpu_us_per_op"].values()), cell
+    # the proxy: forwarding inside the kernel and three copying proxies
+    (proxy,) = data["proxy"]
+    assert (proxy["size"], proxy["conns"]) == (65536, 1)
+    assert set(proxy["mib_per_s"]) == {
+        "uringloop-splice",
+        "uringloop-copy",
+        "uvloop-copy",
+        "asyncio-copy",
+    }
+    assert all(v["median"] > 0 for v in proxy["proxy_cpu_ms_per_gib"].values()), proxy
     bulk = {b["proto"]: b for b in data["bulk"]}
     assert set(bulk["tcp"]["cpu_ms_per_gib"]) >= {"uringloop", "uringloop-copy", "uringloop-fixed"}
     # UDP needs a network namespace (root and iproute2); without one the report says why
