@@ -74,6 +74,12 @@ def info() -> int:
         else "single-shot RECV (no multishot receive here)"
     )
     print(f"  stream transports        {recv}, batched SEND")
+    if "RECVSEND_BUNDLE" in features.ring_features:
+        # measured (README, "Receive and send bundles"): nothing to merge
+        print(
+            "  receive/send bundles     available, not used: a receive already takes one "
+            "completion per message and a batched SEND one request per socket"
+        )
     print(f"  datagram transports      {recv.replace('RECV', 'RECVMSG')}, SENDMSG")
     if features.send_zc and features.send_zc_report_usage:
         zc = "SEND_ZC for large writes"

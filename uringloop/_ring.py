@@ -133,6 +133,8 @@ FEATURE_NAMES = {
     "NATIVE_WORKERS": lib.IORING_FEAT_NATIVE_WORKERS,
     "CQE_SKIP": lib.IORING_FEAT_CQE_SKIP,
     "LINKED_FILE": lib.IORING_FEAT_LINKED_FILE,
+    # (newer than the liburing headers this may be built against: the kernel's value)
+    "RECVSEND_BUNDLE": getattr(lib, "IORING_FEAT_RECVSEND_BUNDLE", 1 << 14),
 }
 
 
@@ -161,6 +163,7 @@ RING_FEATURE_SINCE: dict[str, tuple[int, int]] = {
     "NATIVE_WORKERS": (5, 12),
     "CQE_SKIP": (5, 17),
     "LINKED_FILE": (5, 17),
+    "RECVSEND_BUNDLE": (6, 10),
 }
 # request features found by trial, and restrictions
 REQUEST_FEATURE_SINCE: dict[str, tuple[int, int]] = {
