@@ -393,6 +393,8 @@ int fut_is_done(PyObject *fut);
 extern PyTypeObject ForwardType;
 /* A UL_FORWARD_POLL completed (its record already freed): the Forward pumps on. */
 void forward_polled(Ring *r, PyObject *forward, uint64_t key, int res);
+/* The ring closes: a POLL of the Forward is over without running its pump. */
+void forward_retired(PyObject *forward, uint64_t key);
 
 void pin(Ring *r, ul_op *op, size_t len);
 void unpin(Ring *r, ul_op *op);

@@ -73,7 +73,8 @@ static void fw_check_settled(Forward *f)
     if (!f->stopping && !f->dst_errno && !(source_done && f->in_pipe == 0))
         return;
     f->done = 1;
-    if (f->settled && !fut_is_done(f->settled))
+    /* (a closing loop runs no callback of its futures any more: nothing to tell) */
+    if (f->settled && !f->ring->closing && !f->ring->closed && !fut_is_done(f->settled))
         fut_resolve(f->settled, Py_None, 0);
 }
 
@@ -248,6 +249,16 @@ void forward_polled(Ring *r, PyObject *obj, uint64_t key, int res)
         fw_pump(f);
 }
 
+void forward_retired(PyObject *obj, uint64_t key)
+{
+    Forward *f = (Forward *)obj;
+    for (int side = 0; side < 2; side++) {
+        if (f->armed[side] && f->key[side] == key)
+            f->armed[side] = 0;
+    }
+    f->stopping = 1; /* (no settle: the loop is closing, its futures too) */
+}
+
 /* ------------------------------------------------------------ the Python type */
 
 static int Forward_init(Forward *f, PyObject *args, PyObject *kw)
@@ -324,6 +335,8 @@ static PyObject *Forward_take_leftover(Forward *f, PyObject *unused)
         return NULL;
     }
     Py_ssize_t n = f->in_pipe;
+    if (f->pipe_r >= 0 && (f->ring->closed || f->ring->closing || ring_forked(f->ring)))
+        n = 0; /* the loop closed its pipes (or a forked child's are the parent's) */
     PyObject *data = PyBytes_FromStringAndSize(NULL, n);
     if (!data)
         return NULL;

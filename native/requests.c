@@ -810,6 +810,8 @@ void request_retire(Ring *r, ul_op *op, int res, unsigned flags)
     int more = (flags & IORING_CQE_F_MORE) != 0;
     if ((op->kind == UL_ACCEPT || op->kind == UL_ACCEPT_MULTI) && res >= 0)
         close(res); /* a connection accepted as the loop closes: nobody will take it */
+    if (op->kind == UL_FORWARD_POLL)
+        forward_retired(op->fut, op_key(op)); /* (the pump does not run again) */
     if (op->kind == UL_SENDZC) {
         if (!(flags & IORING_CQE_F_NOTIF) && more) {
             op->notif = 1;

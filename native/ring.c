@@ -836,7 +836,8 @@ static uint32_t memory_backed_inflight(Ring *r)
     uint32_t n = 0;
     for (uint32_t i = 1; i < r->nops; i++) {
         ul_op *op = r->ops[i];
-        n += op->kind != UL_FREE && op->kind != UL_POLL && op->armed;
+        /* (a POLL holds no memory: the loop's or a forward's) */
+        n += op->kind != UL_FREE && op->kind != UL_POLL && op->kind != UL_FORWARD_POLL && op->armed;
     }
     return n;
 }

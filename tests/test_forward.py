@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import gc
 import os
 import random
 import socket
 import struct
+import sys
 import termios
 
 import pytest
@@ -925,3 +927,157 @@ def test_splice_refused_goes_on_by_copying():
         "forward_spliced_bytes": 0,
         "forward_copied_bytes": 4_000_000,
     }
+
+
+# ------------------------------------------------------------ defects found in review
+#
+# Each test failed before its fix.
+
+
+@pytest.mark.asyncio(loop_factories=URINGLOOP)
+async def test_an_abort_of_the_source_ends_a_forward_waiting_for_queued_writes(open_proxy):
+    """The forward first waits for everything the destination had queued; the source
+    aborted meanwhile ends it at once (docstring: close() or abort() of either
+    transport ends the forward), not once the destination's peer reads."""
+    loop = asyncio.get_running_loop()
+    p = await open_proxy("tcp", buffers=64 * 1024)
+    p.b.write(DATA[:3_000_000])  # b_peer does not read: most of it stays queued
+    task = asyncio.ensure_future(loop.forward(p.a, p.b))
+    await asyncio.sleep(0.05)
+    assert p.b.get_write_buffer_size() > 0 and not task.done()
+    p.a.abort()
+    done, _ = await asyncio.wait({task}, timeout=1)
+    p.b.abort()  # (ends the wait in any case)
+    with pytest.raises(ConnectionResetError):
+        await within(task, 5)
+    assert done, "the forward went on waiting for the destination after the source's abort"
+
+
+@pytest.mark.asyncio(loop_factories=URINGLOOP)
+async def test_close_of_a_source_with_queued_writes_stops_the_forward_at_once(open_proxy):
+    """After close() a transport reads nothing more (its protocol gets no data): the
+    forward reading from it ends too, whatever its own writes still wait for."""
+    loop = asyncio.get_running_loop()
+    p = await open_proxy("tcp", buffers=64 * 1024)
+    task = asyncio.ensure_future(loop.forward(p.a, p.b))
+    await forwarding(p.a)
+    p.a.write(DATA[:3_000_000])  # a_peer does not read: most of it stays queued
+    assert p.a.get_write_buffer_size() > 0
+    p.a.close()
+    await loop.sock_sendall(p.a_peer, b"sent after close()")
+    await asyncio.sleep(0.1)
+    forwarded_after_close = unread(p.b_peer)
+    done = task.done()
+    p.a.abort()  # (ends the forward in any case)
+    with pytest.raises(ConnectionResetError):
+        await within(task, 5)
+    assert forwarded_after_close == 0, "bytes read from the source after its close()"
+    assert done
+
+
+@splice_modes
+@pytest.mark.asyncio(loop_factories=URINGLOOP)
+async def test_write_eof_on_the_destination_during_a_forward_releases_the_source(
+    splice, open_proxy
+):
+    loop = asyncio.get_running_loop()
+    p = await open_proxy("tcp", buffers=128 * 1024)
+    task = asyncio.ensure_future(loop.forward(p.a, p.b, pipe_size=64 * 1024, splice=splice))
+    fw = await forwarding(p.a)
+    await send_until_stalled(p.a_peer)
+    assert fw.in_pipe > 0
+    p.b.write_eof()  # (by its protocol, say): the pump's next move to it fails, EPIPE
+    error = None
+    try:
+        await within(task, 5)
+    except Exception as exc:
+        error = exc
+    released = p.a._forward_src is None
+    if not released:
+        p.a._forward_end()  # (what the forward missed: the source's socket can close)
+    assert isinstance(error, OSError), repr(error)  # (the destination's error)
+    assert released, "the source is still owned by a forward that ended"
+
+
+def _loop_closed_under_a_forward(settle: bool):
+    """A uringloop loop closed while a forward's task was pending with bytes in its pipe
+    (settle: the forward had settled, its task not yet run again): (proxy, task,
+    Forwarder), the loop closed."""
+    loop = uringloop.new_event_loop()
+    loop.set_exception_handler(lambda loop, context: None)  # ("Task was destroyed ...")
+
+    async def start():
+        p = await Proxy.open("unix", buffers=64 * 1024)
+        task = asyncio.ensure_future(loop.forward(p.a, p.b, pipe_size=64 * 1024))
+        fw = await forwarding(p.a)
+        await send_until_stalled(p.a_peer)
+        return p, task, fw
+
+    p, task, fw = loop.run_until_complete(start())
+    assert fw.in_pipe > 0 and fw.pump.splicing
+    if settle:
+        p.a.abort()  # the stop's cancel goes with the next iteration
+        loop.run_until_complete(fw.settled)  # settled; the task's wake-up stays queued
+    assert not task.done()
+    loop.close()
+    return p, task, fw
+
+
+def _drop_after_loop_close(p) -> None:
+    """The proxy's sockets closed, its transports (of a closed loop) collected."""
+    p.a_peer.close()
+    p.b_peer.close()
+    transports, p.a, p.b, p.a_proto, p.b_proto = [p.a, p.b], None, None, None, None
+    while transports:
+        t = transports.pop()
+        for sock in (t._sock, t._sock_after_sendfile, t._sock_after_recv):
+            if sock is not None:
+                sock.close()
+        t._closing = True  # (no "unclosed transport" warning: its loop is gone)
+    del t
+    gc.collect()
+
+
+def test_a_forward_finalized_after_loop_close_reads_no_closed_fd():
+    """The loop stopped and closed between the forward's settling and its task's next
+    step (the pipe still held bytes). The task, destroyed pending, runs its clean-up
+    (GeneratorExit): it must not read the pipe's old fd number, which may name another
+    file by then (here a non-blocking pipe; a blocking one hangs the thread)."""
+    unraisable = []
+    old_hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        p, task, fw = _loop_closed_under_a_forward(settle=True)
+        pipe_r = fw.pipe[0]
+        r, w = os.pipe2(os.O_NONBLOCK)
+        os.dup2(r, pipe_r)  # the number names another pipe now
+        os.close(r)
+        os.write(w, b"another file's bytes")
+        del task, fw
+        gc.collect()
+        left = unread(pipe_r)
+        os.close(pipe_r)
+        os.close(w)
+        _drop_after_loop_close(p)
+    finally:
+        sys.unraisablehook = old_hook
+        unraisable.clear()
+    assert left == len(b"another file's bytes"), "read from a closed fd number"
+
+
+def test_a_forward_pending_at_loop_close_is_destroyed_quietly():
+    """A pending task destroyed after loop.close() is reported once ("Task was
+    destroyed but it is pending!", as on asyncio's loop); the forward's own clean-up
+    adds no errors (here: "coroutine ignored GeneratorExit" and take_leftover()'s
+    RuntimeError, both unraisable)."""
+    unraisable = []
+    old_hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        p, task, fw = _loop_closed_under_a_forward(settle=False)
+        assert fw.pump.polls == 0  # (the ring's close retired them)
+        del task, fw
+        _drop_after_loop_close(p)
+        errors = [repr(u.exc_value) for u in unraisable]
+    finally:
+        sys.unraisablehook = old_hook
+        unraisable.clear()
+    assert errors == []

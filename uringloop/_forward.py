@@ -100,6 +100,8 @@ class Forwarder:
     def stop(self, reason: BaseException) -> None:
         """Stop (close, abort, cancellation); `settled` follows once the kernel is done
         with the POLLs."""
+        if self.settled.done():
+            return  # (over already: a close right after the EOF does not undo the result)
         if self.stop_reason is None:
             self.stop_reason = reason
         self.pump.stop()
@@ -168,8 +170,14 @@ async def forward(
         if pipe is not None:
             loop._splice_pipes.close_now(pipe)
         raise
+    try:
+        src._forward_begin(forwarder)  # (its pause may find no SQE for the cancel)
+    except BaseException:
+        dst._reset_empty_waiter()
+        if pipe is not None:
+            loop._splice_pipes.close_now(pipe)
+        raise
     stats["forward_calls"] += 1
-    src._forward_begin(forwarder)
     dst._forward_dst = forwarder
     sent_first = 0
     try:
@@ -185,7 +193,11 @@ async def forward(
             flushed = dst._forward_write(held)
         else:
             flushed = dst._empty_waiter
-        await flushed  # everything the destination had queued is out
+        # everything the destination had queued is out (or a stop: a close or an abort)
+        if not flushed.done():
+            await asyncio.wait({flushed, forwarder.settled}, return_when=asyncio.FIRST_COMPLETED)
+        if flushed.done():
+            flushed.result()  # (the destination's error)
         if dst._conn_lost or src._conn_lost:
             raise ConnectionResetError(errno.ECONNRESET, "Connection lost")
         if end < 0:
@@ -198,6 +210,8 @@ async def forward(
             await asyncio.shield(forwarder.settled)
     except BaseException:
         forwarder.stop(asyncio.CancelledError())
+        if loop.is_closed():
+            raise  # (the ring's close ended its requests, and closed the pipe)
         try:
             cancelled_again = await _settle_through_cancellation(forwarder)
         finally:
@@ -207,13 +221,17 @@ async def forward(
         raise
     moved = _finish(loop, forwarder, src, dst)
     pump = forwarder.pump
-    for transport, err in ((dst, pump.dst_errno), (src, pump.src_errno)):
-        if err:
-            # The kernel reports a socket's error once, and the pump took it: the
-            # transport ends with it, as it would have reading the socket itself.
-            exc = OSError(err, os.strerror(err))
-            transport._fatal_error(exc, "Fatal error on a forwarded socket")
-            raise exc
+    errors = [
+        (transport, OSError(err, os.strerror(err)))
+        for transport, err in ((dst, pump.dst_errno), (src, pump.src_errno))
+        if err
+    ]
+    for transport, exc in errors:
+        # The kernel reports a socket's error once, and the pump took it: the
+        # transport ends with it, as it would have reading the socket itself.
+        transport._fatal_error(exc, "Fatal error on a forwarded socket")
+    if errors:
+        raise errors[0][1]  # (the destination's first)
     error = forwarder.error()
     if error is not None:
         raise error
@@ -248,9 +266,11 @@ def _finish(loop: Any, forwarder: Forwarder, src: Any, dst: Any) -> int:
     dst._forward_dst = None
     if dst._empty_waiter is not None:
         dst._reset_empty_waiter()
-    if leftover and not dst.is_closing():
-        dst.write(leftover)
-        moved += len(leftover)
-        stats["forward_copied_bytes"] += len(leftover)
-    src._forward_end()
+    try:
+        if leftover and not dst.is_closing() and not dst._eof:
+            dst.write(leftover)
+            moved += len(leftover)
+            stats["forward_copied_bytes"] += len(leftover)
+    finally:
+        src._forward_end()
     return moved

@@ -220,8 +220,8 @@ class RingStreamTransport(ProtocolFlowControl, transports._FlowControlMixin, tra
     def _forward_begin(self, forwarder: Any) -> None:
         """This transport's socket is forward()'s source from now: the stream stops
         reading (the protocol's own pause/resume are remembered for the end)."""
-        self._forward_src = forwarder
         self._stream.pause_reading()
+        self._forward_src = forwarder
 
     def _forward_end(self) -> None:
         self._forward_src = None
@@ -341,6 +341,8 @@ class RingStreamTransport(ProtocolFlowControl, transports._FlowControlMixin, tra
             return
         self._closing = True
         self._stream.pause_reading()
+        if self._forward_src is not None:  # (reading ends at close(): the forward's too)
+            self._forward_src.stop(ConnectionResetError(errno.ECONNRESET, "Connection lost"))
         self._stream.notify_when_flushed()
 
     def abort(self) -> None:
