@@ -207,6 +207,9 @@ typedef struct Ring {
     unsigned rx_nbufs, rx_bufsize;
     PyObject **rx_ready; /* streams with received data or an ended recv in this batch */
     uint32_t nrx_ready, caprx_ready;
+    /* set by the loop core around its wait: the batches' stream deliveries wait for
+       ring_deliver_deferred(), after the handles that were ready before the wait */
+    int rx_defer;
     Py_ssize_t pinned_bytes;
     unsigned long long pinned_buffers;
     /* counters, exposed by stats() */
@@ -360,6 +363,11 @@ PyObject *ring_wait(Ring *r, double timeout, const Py_ssize_t *ready);
    sendto() would have sent it inside the call. Its completions are reaped by the
    next run or by close(). -1 with an exception. */
 int ring_flush_out(Ring *r);
+/* The stream deliveries a wait with rx_defer set left (data_received, buffer_updated,
+   eof_received of multishot receives): made now, as asyncio's loop runs the callbacks of
+   the fds its select() found ready after the handles ready before it. 0, or -1 with an
+   exception (a callback's KeyboardInterrupt or SystemExit, a fork). */
+int ring_deliver_deferred(Ring *r);
 
 /* mmap, register (group bgid) and fill a provided buffer ring of nbufs buffers of
    bufsize bytes; 0, or -1 (nothing kept, no exception) */

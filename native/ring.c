@@ -559,7 +559,7 @@ static unsigned reap(Ring *r)
         }
         io_uring_cq_advance(r->ring, n);
         total += n;
-        if (r->nrx_ready && !r->closing)
+        if (r->nrx_ready && !r->closing && !r->rx_defer)
             rx_deliver_ready(r); /* merged per stream, buffers back to the kernel */
         if (ring_forked(r))
             goto forked;
@@ -782,6 +782,22 @@ reap_only:
         return NULL;
     }
     return events;
+}
+
+int ring_deliver_deferred(Ring *r)
+{
+    if (!r->nrx_ready || r->closing || ring_forked(r))
+        return 0;
+    r->batch_depth++;
+    rx_deliver_ready(r);
+    r->batch_depth--;
+    if (r->escaping) {
+        ring_take_escaping(r);
+        return -1;
+    }
+    if (!ring_live(r)) /* a delivery forked: the child stops here (rule 4) */
+        return -1;
+    return 0;
 }
 
 int ring_flush_out(Ring *r)

@@ -1325,17 +1325,28 @@ static PyObject *LoopCore__run_once(LoopCore *self, PyObject *unused)
             timeout = 0;
     }
 
-    /* a callback may re-attach or drop the ring while the wait dispatches */
+    /* A callback may re-attach or drop the ring while the wait dispatches: the ring
+       waited on is held to the end. The streams' deliveries of this wait are deferred
+       until the handles ready before it have run (asyncio's order: those handles, then
+       the callbacks of the fds select() found ready, then the timers that came due).
+       The rest of the completions (sends, one-shot requests) are reaped in the wait, so
+       those handles see every transport's state as of the wait. */
+    Py_ssize_t ready_before = self->rlen;
     Ring *ring = (Ring *)Py_NewRef((PyObject *)self->ring);
+    ring->rx_defer = 1;
     PyObject *fired = ring_wait(ring, timeout, &self->rlen);
-    Py_DECREF(ring);
-    if (!fired)
+    ring->rx_defer = 0;
+    if (!fired) {
+        Py_DECREF(ring);
         return NULL;
+    }
     if (fired != Py_None) { /* readiness of add_reader/add_writer fds: asyncio's Handles */
         PyObject *r = PyObject_CallMethodOneArg((PyObject *)self, str_ring_events, fired);
         Py_DECREF(fired);
-        if (!r)
+        if (!r) {
+            Py_DECREF(ring);
             return NULL;
+        }
         Py_DECREF(r);
     } else {
         Py_DECREF(fired);
@@ -1345,13 +1356,13 @@ static PyObject *LoopCore__run_once(LoopCore *self, PyObject *unused)
        `when >= end_time` to stop, so a NaN deadline is due) */
     if (self->nheap) {
         if (loop_now(self, hooks, &now) < 0)
-            return NULL;
+            goto fail;
         double end_time = now + self->clock_resolution;
         while (self->nheap && !(self->heap[0].when >= end_time)) {
             PyObject *h = heap_pop(self);
             slot_set(h, off_scheduled, Py_False);
             if (ready_push(self, h) < 0)
-                return NULL;
+                goto fail;
         }
     }
 
@@ -1359,6 +1370,8 @@ static PyObject *LoopCore__run_once(LoopCore *self, PyObject *unused)
     Py_ssize_t ntodo = self->rlen;
     self->n_iterations++;
     for (Py_ssize_t i = 0; i < ntodo && self->rlen; i++) {
+        if (i == ready_before && ring_deliver_deferred(ring) < 0)
+            goto fail;
         PyObject *h = ready_pop(self);
         int c = PyObject_TypeCheck(h, HandleType) ? SLOT(h, off_cancelled) == Py_True
                                                   : handle_cancelled(h);
@@ -1368,10 +1381,16 @@ static PyObject *LoopCore__run_once(LoopCore *self, PyObject *unused)
         }
         handle_release(h);
         if (c < 0)
-            return NULL;
+            goto fail;
     }
+    if (ring_deliver_deferred(ring) < 0) /* (fewer handles ran than were ready before) */
+        goto fail;
+    Py_DECREF(ring);
     timers_settle(self);
     Py_RETURN_NONE;
+fail:
+    Py_DECREF(ring);
+    return NULL;
 }
 
 /* run_forever's inner loop: _run_once until stop() (asyncio's `while True:

@@ -462,7 +462,14 @@ static PyObject *Stream_get_holding(Stream *s, void *c)
 
 static PyObject *Stream_get_dropped_bytes(Stream *s, void *c)
 {
-    return PyLong_FromSsize_t(s->dropped);
+    Py_ssize_t dropped = s->dropped;
+    if (s->closed) {
+        /* a deferred delivery's segments (ring_deliver_deferred) will be dropped too:
+           the socket's close must already count them as unread */
+        for (uint32_t k = 0; k < s->nsegs; k++)
+            dropped += s->segs[k].len;
+    }
+    return PyLong_FromSsize_t(dropped);
 }
 
 /* notify_when_recv_over() on a closed stream: True when a receive is still in the

@@ -130,18 +130,6 @@ def test_fifo_and_one_batch_per_iteration():
     assert log[:4] == [("a", 0), ("b", 0), ("c", 0), ("iteration", 0)]
 
 
-# The one known divergence in the order of callbacks (tests/peer_suites_known.md).
-IO_CALLBACKS_BEFORE_READY_HANDLES = pytest.mark.xfail(
-    strict=True,
-    reason="uringloop calls the transports' I/O callbacks (data_received, ...) as it reaps "
-    "the completions, before the handles that were ready when the iteration began (uvloop "
-    "too); asyncio's loop runs those first. Running them first needs the iteration's "
-    "completions accounted (a send's bytes out of get_write_buffer_size) before the ready "
-    "handles run, without their callbacks: see tests/peer_suites_known.md",
-)
-
-
-@IO_CALLBACKS_BEFORE_READY_HANDLES
 def test_io_callbacks_run_after_the_handles_ready_before_the_wait():
     """asyncio's _run_once appends the callbacks of the fds its select() found ready
     behind the handles already ready, and runs them all in that order."""
@@ -171,7 +159,6 @@ def test_io_callbacks_run_after_the_handles_ready_before_the_wait():
     assert same_on_each_loop(scenario) == ["ready before the wait", ("data_received", b"x")]
 
 
-@IO_CALLBACKS_BEFORE_READY_HANDLES
 def test_one_iteration_runs_ready_handles_then_io_then_timers_due():
     """The whole batch of one iteration in asyncio's order: the handles ready before the
     wait, the I/O (a transport's data_received and an add_reader callback), the timers
