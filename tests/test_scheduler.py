@@ -130,6 +130,18 @@ def test_fifo_and_one_batch_per_iteration():
     assert log[:4] == [("a", 0), ("b", 0), ("c", 0), ("iteration", 0)]
 
 
+# Stream data from multishot receives is delivered in asyncio's order (after the handles
+# ready before the wait); a single-shot receive (kernels without multishot receive, such
+# as 5.19, and bulk streams) still delivers as it is reaped, before them (as on uvloop).
+SINGLE_SHOT_RECEIVES_DELIVER_FIRST = pytest.mark.xfail(
+    condition=not uringloop.probe().recv_multishot,
+    strict=True,
+    reason="this kernel (or its emulation) has no multishot receive: a single-shot receive "
+    "calls data_received as its completion is reaped, before the handles ready before the wait",
+)
+
+
+@SINGLE_SHOT_RECEIVES_DELIVER_FIRST
 def test_io_callbacks_run_after_the_handles_ready_before_the_wait():
     """asyncio's _run_once appends the callbacks of the fds its select() found ready
     behind the handles already ready, and runs them all in that order."""
@@ -159,6 +171,7 @@ def test_io_callbacks_run_after_the_handles_ready_before_the_wait():
     assert same_on_each_loop(scenario) == ["ready before the wait", ("data_received", b"x")]
 
 
+@SINGLE_SHOT_RECEIVES_DELIVER_FIRST
 def test_one_iteration_runs_ready_handles_then_io_then_timers_due():
     """The whole batch of one iteration in asyncio's order: the handles ready before the
     wait, the I/O (a transport's data_received and an add_reader callback), the timers
