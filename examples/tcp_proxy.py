@@ -28,6 +28,24 @@ from collections.abc import Callable
 import uringloop
 
 
+async def connect_upstream(
+    client: asyncio.Transport, upstream: tuple[str, int], factory: Callable[[], asyncio.Protocol]
+) -> tuple[asyncio.Transport, asyncio.Protocol] | None:
+    """The upstream connection for an accepted client, or None: the upstream refused
+    (the client is aborted) or the client gave up meanwhile (the upstream is closed)."""
+    loop = asyncio.get_running_loop()
+    try:
+        transport, protocol = await loop.create_connection(factory, *upstream)
+    except OSError as exc:
+        print(f"upstream {upstream[0]}:{upstream[1]}: {exc}", flush=True)
+        client.abort()
+        return None
+    if client.is_closing():
+        transport.close()
+        return None
+    return transport, protocol
+
+
 class Forwarded(asyncio.Protocol):
     """A side whose bytes loop.forward() moves: it never reads them itself."""
 
@@ -68,17 +86,9 @@ class SplicedClientSide(Forwarded):
         self.task = asyncio.get_running_loop().create_task(self.serve())
 
     async def serve(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            upstream, _ = await loop.create_connection(Forwarded, *self.upstream)
-        except OSError as exc:
-            print(f"upstream {self.upstream[0]}:{self.upstream[1]}: {exc}", flush=True)
-            self.transport.abort()
-            return
-        if self.transport.is_closing():
-            upstream.close()  # the client gave up while we connected
-            return
-        await forward_both_ways(self.transport, upstream)
+        connected = await connect_upstream(self.transport, self.upstream, Forwarded)
+        if connected is not None:
+            await forward_both_ways(self.transport, connected[0])
 
 
 class Pipe(asyncio.Protocol):
@@ -139,16 +149,10 @@ class ClientSide(Pipe):
             super().data_received(data)
 
     async def connect(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            _, upstream = await loop.create_connection(Pipe, *self.upstream)
-        except OSError as exc:
-            print(f"upstream {self.upstream[0]}:{self.upstream[1]}: {exc}", flush=True)
-            self.transport.abort()  # type: ignore[union-attr]
+        connected = await connect_upstream(self.transport, self.upstream, Pipe)  # type: ignore[arg-type]
+        if connected is None:
             return
-        if self.transport.is_closing():  # type: ignore[union-attr]
-            upstream.transport.close()  # the client gave up while we connected
-            return
+        upstream: Pipe = connected[1]  # type: ignore[assignment]
         self.peer, upstream.peer = upstream, self
         for data in self.early:
             upstream.transport.write(data)  # type: ignore[union-attr]

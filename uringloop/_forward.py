@@ -158,11 +158,12 @@ async def forward(
     if src._forward_src is not None:
         raise RuntimeError("the source transport is already being forwarded")
     stats = loop._splice_stats
-    use_splice = splice and loop._splice_forwarding
     dst._make_empty_waiter(2)  # (RuntimeError if a sendfile or a forward writes to it)
     pipe = None
     try:
-        pipe = loop._splice_pipes.open_sized(pipe_size) if use_splice else None
+        # (splice(2) is a syscall, not a ring opcode: where the kernel refuses it for
+        # these sockets, the pump's first move finds out and copies instead)
+        pipe = loop._splice_pipes.open_sized(pipe_size) if splice else None
         # (copy mode: its buffer holds no more than the pipe would)
         forwarder = Forwarder(loop, src, dst, pipe, min(pipe_size, COPY_CHUNK))
     except BaseException:

@@ -334,8 +334,6 @@ class UringEventLoop(LoopCore, asyncio.SelectorEventLoop):  # type: ignore[misc,
             "forward_spliced_bytes": 0,
             "forward_copied_bytes": 0,
         }
-        # loop.forward() splices where the kernel has both halves of its chains
-        self._splice_forwarding = features.has("SPLICE") and features.has("POLL_ADD")
         self._recv_backlog: dict[int, _RecvBacklog] = {}  # fd -> cancelled receives
         self._attach_ring(self._ring)
         try:

@@ -40,6 +40,17 @@ CANCELLED_PIPE_CLOSE_DELAY = 1.0
 ZERO_MOVES_LIMIT = 64
 
 
+def _new_pipe(wanted: int) -> tuple[int, int, int]:
+    """(read fd, write fd, capacity): a non-blocking pipe of up to wanted bytes."""
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        size = fcntl.fcntl(w, F_SETPIPE_SZ, wanted)
+    except OSError:
+        # pipe-max-size or the user's pipe page budget says no: keep the default
+        size = fcntl.fcntl(w, F_GETPIPE_SZ)
+    return r, w, size
+
+
 class SplicePipes:
     """Pipes for splicing, reused while they come back empty (one per sendfile at a time)."""
 
@@ -51,12 +62,7 @@ class SplicePipes:
     def open_sized(self, wanted: int) -> tuple[int, int, int]:
         """A new pipe for loop.forward(), as large as allowed up to wanted bytes; it is
         closed by close_now() or, if the loop closes first, by close()."""
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            size = fcntl.fcntl(w, F_SETPIPE_SZ, wanted)
-        except OSError:
-            size = fcntl.fcntl(w, F_GETPIPE_SZ)
-        pipe = (r, w, size)
+        pipe = _new_pipe(wanted)
         self._forwarding.add(pipe)
         return pipe
 
@@ -71,13 +77,7 @@ class SplicePipes:
         """(read fd, write fd, capacity) of an empty pipe."""
         if self._idle:
             return self._idle.pop()
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            size = fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_WANTED)
-        except OSError:
-            # pipe-max-size or the user's pipe page budget says no: keep the default
-            size = fcntl.fcntl(w, F_GETPIPE_SZ)
-        return r, w, size
+        return _new_pipe(PIPE_WANTED)
 
     def give_back(self, pipe: tuple[int, int, int], empty: bool) -> None:
         if empty and len(self._idle) < IDLE_PIPES_KEPT:
