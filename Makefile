@@ -57,7 +57,7 @@ suites: .venv-main/ready
 	.venv-main/bin/python tests/peer_suites.py
 
 suites-ci: .venv-main/ready
-	.venv-main/bin/python tests/peer_suites.py --slice
+	.venv-main/bin/python tests/peer_suites.py --slice --reference-when-failing
 
 # Wheels for every supported CPython found here (pyenv's builds or PATH), liburing linked
 # in and checked by auditwheel, then the sdist (native/wheels.py says why static).

@@ -157,7 +157,7 @@ async def main(loop) -> dict:
         parent["A_peer_saw_the_abort"] = False
     want = len(payload)
     deadline = loop.time() + 20
-    while len(c_srv.data) < want or len(b_srv.data) < 12_000 + 70_000 + want:
+    while len(c_srv.data) < want or len(b_srv.data) < 12_000 + want:
         if loop.time() > deadline:
             break
         await asyncio.sleep(0.01)

@@ -1,7 +1,8 @@
 """aiohttp's own functional tests, on asyncio's loop and on uringloop, compared test by test.
 
     .venv-main/bin/python tests/peer_suites.py            # the full set of modules
-    .venv-main/bin/python tests/peer_suites.py --slice    # CI's slice (a few minutes)
+    .venv-main/bin/python tests/peer_suites.py --slice    # the slice of CI (which adds
+                                                          # --reference-when-failing)
     .venv-main/bin/python tests/peer_suites.py --modules test_web_websocket_functional \\
         -k stalled --loop asyncio --loop uringloop --loop uvloop
 
@@ -451,6 +452,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run the tests that do not take the loop fixture",
     )
+    p.add_argument(
+        "--reference-when-failing",
+        action="store_true",
+        help="run uringloop first, and the reference loop only on the modules where a test "
+        "failed on uringloop (CI: a clean run needs no reference)",
+    )
     p.add_argument("--json", type=Path, help="write every run's results here")
     args = p.parse_args(argv)
     loops = args.loop or ["asyncio", "uringloop"]
@@ -467,7 +474,26 @@ def main(argv: list[str] | None = None) -> int:
     chosen = selection(args)
     log(f"aiohttp {version}, {len(chosen)} modules, loops: {', '.join(loops)}")
 
-    runs = {loop: run_loop(python, source, loop, chosen, args) for loop in loops}
+    if args.reference_when_failing:
+        judged = run_loop(python, source, "uringloop", chosen, args)
+        failing = {
+            r["nodeid"].partition("::")[0]
+            for r in judged["results"].values()
+            if r["outcome"] in BAD
+        }
+        again = [(m, k) for m, k in chosen if f"tests/{m}.py" in failing]
+        runs = {
+            loop: run_loop(python, source, loop, again, args)
+            if again
+            else {"results": {}, "problems": [], "seconds": 0.0}
+            for loop in loops
+            if loop != "uringloop"
+        }
+        if not again:
+            log(f"nothing failed on uringloop: {', '.join(runs)} not run")
+        runs["uringloop"] = judged
+    else:
+        runs = {loop: run_loop(python, source, loop, chosen, args) for loop in loops}
     modules = [m for m, _ in chosen]
     print()
     print(table(runs, modules))
