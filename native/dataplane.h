@@ -299,6 +299,13 @@ typedef struct Stream {
         uint32_t bid, len;
     } *segs;
     uint32_t nsegs, capsegs;
+    /* a single-shot receive's completion reaped while the ring defers deliveries
+       (rx_defer): its record (buffer, or the BufferedProtocol's view) and result wait
+       on the ring's rx_ready list like segments do. The kernel is done with the
+       memory; the ring frees the record if it closes first (Ring_dealloc frees every
+       record itself, so the stream never frees it). */
+    struct ul_op *rx_single_op;
+    int rx_single_res;
 } Stream;
 
 /* The registered arena behind ZeroCopyBuffer objects (zcbuf.c). */

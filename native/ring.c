@@ -917,6 +917,14 @@ static PyObject *Ring_close(Ring *r, PyObject *arg)
     dgram_drop_dirty(r);
     r->nrearm = 0;
     uint32_t i;
+    for (i = 0; i < r->nrx_ready; i++) {
+        Stream *s = (Stream *)r->rx_ready[i];
+        if (s->rx_single_op) { /* a deferred single-shot completion, never delivered */
+            if (s->rx_single_res > 0)
+                s->dropped += s->rx_single_res;
+            s->rx_single_op = NULL; /* (its unarmed record is freed just below) */
+        }
+    }
     for (i = 1; i < r->nops; i++) {
         ul_op *op = r->ops[i];
         if (op->kind != UL_FREE && !op->armed) {

@@ -452,7 +452,8 @@ static PyObject *Stream_take_held(Stream *s, PyObject *unused)
 
 static PyObject *Stream_get_recv_in_kernel(Stream *s, void *c)
 {
-    return PyBool_FromLong(s->recv_armed);
+    /* (a completion the loop core defers counts: its bytes are not delivered yet) */
+    return PyBool_FromLong(s->recv_armed || s->rx_ready);
 }
 
 static PyObject *Stream_get_holding(Stream *s, void *c)
@@ -468,6 +469,8 @@ static PyObject *Stream_get_dropped_bytes(Stream *s, void *c)
            the socket's close must already count them as unread */
         for (uint32_t k = 0; k < s->nsegs; k++)
             dropped += s->segs[k].len;
+        if (s->rx_single_op && s->rx_single_res > 0)
+            dropped += s->rx_single_res;
     }
     return PyLong_FromSsize_t(dropped);
 }
@@ -566,7 +569,8 @@ static PyGetSetDef Stream_getset[] = {
     {"reading", (getter)Stream_get_reading, NULL, NULL},
     {"forked", (getter)Stream_get_forked, NULL, "True in a child forked after the loop was made"},
     {"recv_in_kernel", (getter)Stream_get_recv_in_kernel, NULL,
-     "whether a receive of this stream is still the kernel's (even after a cancel)"},
+     "whether a receive of this stream is still the kernel's (even after a cancel), or its\n"
+     "completion waits for the loop core's delivery"},
     {"holding", (getter)Stream_get_holding, NULL,
      "whether data or an EOF read while paused waits for start_reading()"},
     {"dropped_bytes", (getter)Stream_get_dropped_bytes, NULL,

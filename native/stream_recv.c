@@ -303,7 +303,9 @@ int stream_arm_recv(Stream *s)
 {
     Ring *r = s->ring;
     for (int swaps = 0;; swaps++) {
-        if (!s->reading || s->recv_armed || s->read_ended || !stream_live(s))
+        /* (a deferred single-shot completion re-arms once delivered: a receive armed
+           before would call get_buffer() while the protocol still owes us its bytes) */
+        if (!s->reading || s->recv_armed || s->rx_single_op || s->read_ended || !stream_live(s))
             return 0;
         int own_memory = !s->get_buffer || s->rx_small_buffer;
         int multi = !s->rx_bulk && own_memory && rx_setup(r);
@@ -468,6 +470,8 @@ static void stream_recv_multishot(Ring *r, Stream *s, ul_op *op, int res, unsign
         stream_recv_over(s); /* (with segments of this batch: after rx_deliver_one drops them) */
 }
 
+static void stream_recv_single_done(Ring *r, Stream *s, ul_op *op, int res);
+
 /* Copy this batch's segments into bytes objects of at most RX_MERGE_MAX bytes
    (one unless a lot arrived), give every buffer back, then deliver them in order. */
 static void rx_deliver_one(Ring *r, Stream *s)
@@ -477,6 +481,15 @@ static void rx_deliver_one(Ring *r, Stream *s)
     int failed = 0;
     Py_ssize_t batch = 0;
     s->rx_ready = 0;
+    if (s->rx_single_op) {
+        /* a deferred single-shot completion (a stream has one receive at a time:
+           no segments wait with it) */
+        ul_op *op = s->rx_single_op;
+        s->rx_single_op = NULL;
+        stream_recv_single_done(r, s, op, s->rx_single_res);
+        if (!s->nsegs && !s->rx_ended)
+            return;
+    }
     for (k = 0; k < s->nsegs; k++)
         batch += s->segs[k].len;
     if (batch >= RX_BULK && !s->rx_bulk && !s->closed) {
@@ -613,16 +626,11 @@ static int stream_deliver_single(Stream *s, ul_op *op, int n)
     return rc;
 }
 
-void stream_recv_complete(Ring *r, Stream *s, ul_op *op, int res, unsigned flags)
+/* What a single-shot receive's result means for the stream: delivery, the end of the
+   read side, or a re-arm. Runs as the CQE is reaped, or later from rx_deliver_one()
+   when the ring deferred it. */
+static void stream_recv_single_done(Ring *r, Stream *s, ul_op *op, int res)
 {
-    if (op->multi) {
-        stream_recv_multishot(r, s, op, res, flags);
-        return;
-    }
-    op->armed = 0;
-    r->inflight--;
-    if (op_key(op) == s->recv_key)
-        s->recv_armed = 0;
     if (s->closed) {
         if (res > 0)
             s->dropped += res;
@@ -659,6 +667,29 @@ void stream_recv_complete(Ring *r, Stream *s, ul_op *op, int res, unsigned flags
        delivery may have closed, paused or re-bound the stream) */
     if (s->reading && stream_live(s) && stream_arm_recv(s) < 0)
         stream_read_failed(s);
+}
+
+void stream_recv_complete(Ring *r, Stream *s, ul_op *op, int res, unsigned flags)
+{
+    if (op->multi) {
+        stream_recv_multishot(r, s, op, res, flags);
+        return;
+    }
+    op->armed = 0;
+    r->inflight--;
+    if (op_key(op) == s->recv_key)
+        s->recv_armed = 0;
+    if (r->rx_defer && !s->closed && !s->rx_single_op) {
+        /* the loop core delivers after the handles that were ready before its wait
+           (asyncio's order), as for multishot segments */
+        if (rx_mark_ready(r, s) == 0) {
+            s->rx_single_op = op;
+            s->rx_single_res = res;
+            return;
+        }
+        PyErr_Clear(); /* (no room on the list: delivered now instead) */
+    }
+    stream_recv_single_done(r, s, op, res);
 }
 
 /* While the ring closes (rule 3): buffers back to the ring, records freed. */
