@@ -125,7 +125,7 @@ EMULATED_61_TESTS = test_transports.py test_datagram_ring.py test_zerocopy_buffe
 test-emulated: .venv-main/ready
 	cd tests && echo "== the ring tests as on Linux 5.19" && \
 		URINGLOOP_EMULATE_KERNEL=5.19 ../.venv-main/bin/python -m pytest -p no:cacheprovider -q \
-			-k "$(UL_CASES)" $(RING_TESTS)
+			-k "$(UL_CASES)" $(RING_TESTS) test_forward.py
 	cd tests && echo "== the receive and send paths as on Linux 6.1" && \
 		URINGLOOP_EMULATE_KERNEL=6.1 ../.venv-main/bin/python -m pytest -p no:cacheprovider -q \
 			-k "$(UL_CASES)" $(EMULATED_61_TESTS)
