@@ -248,6 +248,7 @@ class RingStreamTransport(ProtocolFlowControl, transports._FlowControlMixin, tra
         if self._empty_waiter is None and self._forward_src is None:
             sock, self._sock_after_sendfile = self._sock_after_sendfile, None
             if sock is not None:
+                self._shutdown_blocked_send(sock)  # (as _call_connection_lost's own close)
                 self._close_socket(sock)
 
     # ------------------------------------------------------------ writing
