@@ -53,6 +53,9 @@
  * - Every datagram a completion brings reaches datagram_received() exactly once,
  *   or is held while the protocol paused reading, or is dropped because the
  *   transport closed (as the socket's close drops what it still holds).
+ * - While the loop core defers deliveries (ring->rx_defer), a completion's datagram
+ *   and a receive's end (error_received, re-arm) wait in `pend`, in CQE order, with
+ *   the transport on the ring's dg_ready list, for ring_deliver_deferred().
  * - Rule 1 of dataplane.h: every call into Python (datagram_received,
  *   error_received, flow control, the transport's methods) may close, abort or
  *   re-bind the transport or close the loop; the state is re-checked after it
@@ -132,6 +135,15 @@ typedef struct Datagram {
     PyObject *last_source; /* the last datagram's address tuple (dgram_note_source) */
     struct sockaddr_storage last_source_raw;
     socklen_t last_source_len;
+    /* receive completions of a wait the loop core defers (ring->rx_defer), in CQE
+       order, for dgram_deliver_ready(): a datagram (data, addr), or a receive's end
+       (data NULL, res its final result) */
+    struct dg_pending {
+        PyObject *data, *addr;
+        int res;
+    } *pend;
+    uint32_t npend, cappend;
+    uint8_t on_dg_ready; /* on the ring's dg_ready list */
 } Datagram;
 
 /* logs asyncio's "socket.send() raised exception." (set by uringloop._datagram) */
@@ -491,6 +503,159 @@ static void dgram_rearm(Datagram *d)
         dgram_read_failed(d);
 }
 
+/* An ICMP error a receive brought while reading is paused (or behind held
+   datagrams): held in its place, as (None, errno), for resume_reading(); asyncio's
+   recvfrom() raises it once reading resumes. */
+static void dgram_hold_error(Datagram *d, int err)
+{
+    PyObject *code = PyLong_FromLong(err);
+    PyObject *pair = code ? PyTuple_Pack(2, Py_None, code) : NULL;
+    Py_XDECREF(code);
+    if (!pair || (!d->held && !(d->held = PyList_New(0))) || PyList_Append(d->held, pair) < 0)
+        PyErr_WriteUnraisable(d->owner ? d->owner : (PyObject *)d);
+    Py_XDECREF(pair);
+}
+
+/* A receive ended with res (after the datagrams it brought were delivered). */
+static void dgram_recv_end(Ring *r, Datagram *d, int res)
+{
+    if (res < 0 && !d->closed) {
+        if (res == -ENOBUFS) {
+            /* the buffer ring ran dry: the datagrams wait in the socket */
+            r->dg_recv_enobufs++;
+        } else if (res == -EAGAIN) {
+            r->n_eagain++;
+            d->recv_after_eagain = 1; /* rule 6 */
+        } else if (res != -ECANCELED && !d->read_closed) {
+            /* an ICMP error reported on the socket (asyncio's recvfrom() raises it);
+               after close() nothing is read any more, and while paused it waits */
+            if (!d->reading || d->held)
+                dgram_hold_error(d, -res);
+            else
+                dgram_error_received(d, -res, d->read_ctx);
+        }
+    }
+    dgram_rearm(d);
+}
+
+/* One held entry (both stolen): a datagram, or with data None an error's errno. */
+static void dgram_deliver_held(Datagram *d, PyObject *data, PyObject *addr)
+{
+    if (data != Py_None) {
+        dgram_deliver(d, data, addr);
+        return;
+    }
+    long err = PyLong_AsLong(addr);
+    Py_DECREF(data);
+    Py_DECREF(addr);
+    if (!d->closed && !d->read_closed)
+        dgram_error_received(d, (int)err, d->read_ctx);
+}
+
+/* Room for `need` more deferred outcomes of d's receive, and d on the ring's dg_ready
+   list; -1 when there is no memory (then nothing is deferred: delivered now). */
+static int dgram_defer_reserve(Ring *r, Datagram *d, uint32_t need)
+{
+    if (d->npend + need > d->cappend) {
+        uint32_t ncap = d->cappend ? d->cappend * 2 : 8;
+        struct dg_pending *n = ul_realloc(d->pend, ncap * sizeof(*n));
+        if (!n)
+            return -1;
+        d->pend = n;
+        d->cappend = ncap;
+    }
+    if (!d->on_dg_ready) {
+        if (r->ndg_ready == r->capdg_ready) {
+            uint32_t ncap = r->capdg_ready ? r->capdg_ready * 2 : 32;
+            PyObject **n = ul_realloc(r->dg_ready, ncap * sizeof(*n));
+            if (!n)
+                return -1;
+            r->dg_ready = n;
+            r->capdg_ready = ncap;
+        }
+        r->dg_ready[r->ndg_ready++] = Py_NewRef((PyObject *)d);
+        d->on_dg_ready = 1;
+    }
+    return 0;
+}
+
+/* (room reserved) a datagram (data and addr stolen), or with data NULL the end */
+static void dgram_defer(Datagram *d, PyObject *data, PyObject *addr, int res)
+{
+    d->pend[d->npend].data = data;
+    d->pend[d->npend].addr = addr;
+    d->pend[d->npend].res = res;
+    d->npend++;
+}
+
+static void dgram_pend_clear(Datagram *d)
+{
+    for (uint32_t k = 0; k < d->npend; k++) {
+        Py_XDECREF(d->pend[k].data);
+        Py_XDECREF(d->pend[k].addr);
+    }
+    d->npend = 0;
+}
+
+/* d's deferred outcomes, in order (the list is taken first: what a delivery does may
+   not see it half done) */
+static void dgram_deliver_pending(Ring *r, Datagram *d)
+{
+    struct dg_pending *p = d->pend;
+    uint32_t np = d->npend, pcap = d->cappend;
+    d->pend = NULL;
+    d->npend = d->cappend = 0;
+    for (uint32_t k = 0; k < np; k++) {
+        if (ring_forked(r)) { /* a delivery forked: the child delivers nothing more */
+            Py_XDECREF(p[k].data);
+            Py_XDECREF(p[k].addr);
+        } else if (p[k].data) {
+            dgram_deliver(d, p[k].data, p[k].addr); /* may close, pause or re-bind */
+        } else {
+            dgram_recv_end(r, d, p[k].res);
+        }
+    }
+    if (d->pend == NULL) {
+        d->pend = p; /* keep the allocation */
+        d->cappend = pcap;
+    } else {
+        PyMem_Free(p);
+    }
+}
+
+void dgram_deliver_ready(Ring *r)
+{
+    /* Take the list: what the deliveries do (a nested wait cannot happen, but a
+       close can) must not see it half done. */
+    PyObject **list = r->dg_ready;
+    uint32_t n = r->ndg_ready, cap = r->capdg_ready;
+    r->dg_ready = NULL;
+    r->ndg_ready = r->capdg_ready = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        Datagram *d = (Datagram *)list[i];
+        d->on_dg_ready = 0;
+        dgram_deliver_pending(r, d);
+        Py_DECREF(d);
+    }
+    if (r->dg_ready == NULL) {
+        r->dg_ready = list;
+        r->capdg_ready = cap;
+    } else {
+        PyMem_Free(list);
+    }
+}
+
+void dgram_drop_ready(Ring *r)
+{
+    for (uint32_t i = 0; i < r->ndg_ready; i++) {
+        Datagram *d = (Datagram *)r->dg_ready[i];
+        d->on_dg_ready = 0;
+        dgram_pend_clear(d); /* (as the socket's close drops what it still holds) */
+        Py_DECREF(d);
+    }
+    r->ndg_ready = 0;
+}
+
 static void dgram_recv_complete(Ring *r, Datagram *d, ul_op *op, int res, unsigned flags)
 {
     PyObject *data = NULL, *addr = NULL;
@@ -535,24 +700,30 @@ static void dgram_recv_complete(Ring *r, Datagram *d, ul_op *op, int res, unsign
         Py_CLEAR(data);
         Py_CLEAR(addr);
         PyErr_WriteUnraisable(d->owner ? d->owner : (PyObject *)d);
-    } else if (data) {
-        dgram_deliver(d, data, addr); /* may close, pause or re-bind (rule 1) */
     }
-    if (more)
-        return;
-    if (res < 0 && !d->closed) {
-        if (res == -ENOBUFS) {
-            /* the buffer ring ran dry: the datagrams wait in the socket */
-            r->dg_recv_enobufs++;
-        } else if (res == -EAGAIN) {
-            r->n_eagain++;
-            d->recv_after_eagain = 1; /* rule 6 */
-        } else if (res != -ECANCELED) {
-            /* an ICMP error reported on the socket (asyncio's recvfrom() raises it) */
-            dgram_error_received(d, -res, d->read_ctx);
+    if (r->rx_defer && !d->closed) {
+        /* the loop core delivers after the handles that were ready before its wait
+           (asyncio's order), as for the streams */
+        if (dgram_defer_reserve(r, d, (data != NULL) + !more) == 0) {
+            if (data)
+                dgram_defer(d, data, addr, 0);
+            if (!more)
+                dgram_defer(d, NULL, NULL, res);
+            return;
+        }
+        /* no memory for the lists: what waits goes now, then this, in order */
+        dgram_deliver_pending(r, d);
+        if (ring_forked(r)) { /* a delivery forked: the child delivers nothing more */
+            Py_XDECREF(data);
+            Py_XDECREF(addr);
+            return;
         }
     }
-    dgram_rearm(d);
+    if (data)
+        dgram_deliver(d, data, addr); /* may close, pause or re-bind (rule 1) */
+    if (more)
+        return;
+    dgram_recv_end(r, d, res);
 }
 
 /* ------------------------------------------------------------ sending */
@@ -1510,7 +1681,7 @@ static PyObject *Datagram_start_reading(Datagram *d, PyObject *unused)
             /* (dgram_deliver holds anything behind held datagrams) */
             PyObject *rest = d->held;
             d->held = NULL;
-            dgram_deliver(d, data, addr);
+            dgram_deliver_held(d, data, addr);
             if (d->held) { /* paused again: the new ones go behind the rest */
                 if (PyList_SetSlice(rest, PyList_GET_SIZE(rest), PyList_GET_SIZE(rest), d->held) < 0)
                     PyErr_WriteUnraisable((PyObject *)d);
@@ -1519,7 +1690,7 @@ static PyObject *Datagram_start_reading(Datagram *d, PyObject *unused)
                 d->held = rest;
             }
         } else {
-            dgram_deliver(d, data, addr);
+            dgram_deliver_held(d, data, addr);
         }
     }
     if (d->reading && !d->held && dgram_arm_recv(d) < 0)
@@ -1709,6 +1880,10 @@ static int Datagram_traverse(Datagram *d, visitproc visit, void *arg)
     Py_VISIT(d->read_ctx);
     Py_VISIT(d->write_ctx);
     Py_VISIT(d->held);
+    for (uint32_t k = 0; k < d->npend; k++) {
+        Py_VISIT(d->pend[k].data);
+        Py_VISIT(d->pend[k].addr);
+    }
     return 0;
 }
 
@@ -1723,6 +1898,7 @@ static int Datagram_clear(Datagram *d)
     Py_CLEAR(d->read_ctx);
     Py_CLEAR(d->write_ctx);
     Py_CLEAR(d->held);
+    dgram_pend_clear(d);
     return 0;
 }
 
@@ -1733,6 +1909,7 @@ static void Datagram_dealloc(Datagram *d)
     Datagram_clear(d);
     Py_CLEAR(d->rx_buf);
     PyMem_Free(d->queue);
+    PyMem_Free(d->pend);
     Py_CLEAR(d->ring);
     Py_TYPE(d)->tp_free((PyObject *)d);
 }

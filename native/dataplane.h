@@ -247,6 +247,10 @@ typedef struct Ring {
        and the buffer ring their multishot receives take from */
     PyObject **dg_dirty;
     uint32_t ndg_dirty, capdg_dirty;
+    /* datagram transports whose receive completions of a deferring wait (rx_defer)
+       wait for ring_deliver_deferred(), as the streams' on rx_ready */
+    PyObject **dg_ready;
+    uint32_t ndg_ready, capdg_ready;
     int dg_state; /* 0 not set up yet, 1 ready, -1 unavailable: single-shot RECVMSG */
     struct io_uring_buf_ring *dg_ring;
     char *dg_arena;
@@ -520,6 +524,10 @@ void dgram_retire(Ring *r, ul_op *op, int res, unsigned flags);
 /* submit the datagrams queued this iteration (from ring_wait, before the enter) */
 void dgram_flush_dirty(Ring *r);
 void dgram_drop_dirty(Ring *r);
+/* the deferred receive completions of the datagram transports on dg_ready: delivered,
+   or (the ring closes) dropped */
+void dgram_deliver_ready(Ring *r);
+void dgram_drop_ready(Ring *r);
 void dgram_teardown(Ring *r, int unregister);
 
 /* ------------------------------------------------------------ zcbuf.c */

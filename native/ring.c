@@ -620,6 +620,8 @@ static int Ring_traverse(Ring *r, visitproc visit, void *arg)
         Py_VISIT(r->dirty[i]);
     for (uint32_t i = 0; i < r->ndg_dirty; i++)
         Py_VISIT(r->dg_dirty[i]);
+    for (uint32_t i = 0; i < r->ndg_ready; i++)
+        Py_VISIT(r->dg_ready[i]);
     for (uint32_t i = 0; i < r->nrx_ready; i++)
         Py_VISIT(r->rx_ready[i]);
     for (uint32_t i = 0; i < r->nrx_spare; i++)
@@ -661,6 +663,8 @@ static void Ring_dealloc(Ring *r)
         PyMem_Free(r->dirty);
         dgram_drop_dirty(r);
         PyMem_Free(r->dg_dirty);
+        dgram_drop_ready(r);
+        PyMem_Free(r->dg_ready);
         dgram_teardown(r, 0);
         for (i = 0; i < r->nrx_ready; i++)
             Py_DECREF(r->rx_ready[i]);
@@ -786,10 +790,13 @@ reap_only:
 
 int ring_deliver_deferred(Ring *r)
 {
-    if (!r->nrx_ready || r->closing || ring_forked(r))
+    if ((!r->nrx_ready && !r->ndg_ready) || r->closing || ring_forked(r))
         return 0;
     r->batch_depth++;
-    rx_deliver_ready(r);
+    if (r->nrx_ready)
+        rx_deliver_ready(r);
+    if (r->ndg_ready && !ring_forked(r) && !r->closing)
+        dgram_deliver_ready(r);
     r->batch_depth--;
     if (r->escaping) {
         ring_take_escaping(r);
@@ -915,6 +922,7 @@ static PyObject *Ring_close(Ring *r, PyObject *arg)
         PyErr_Clear(); /* references are then dropped at once */
     drop_dirty(r); /* batched writes of this iteration never go out */
     dgram_drop_dirty(r);
+    dgram_drop_ready(r); /* datagrams received and not delivered: dropped, as by a close */
     r->nrearm = 0;
     uint32_t i;
     for (i = 0; i < r->nrx_ready; i++) {

@@ -32,6 +32,10 @@
  *   after the batch rx_deliver_ready() copies them into one bytes object, gives the
  *   buffers straight back, and makes one delivery. The receive's end (EOF, error,
  *   ENOBUFS, cancel) is handled after the data it followed.
+ * - While the loop core defers deliveries (ring->rx_defer, around its wait), the
+ *   segments wait on rx_ready for ring_deliver_deferred(), and so does a completed
+ *   single-shot receive: its record (rx_single_op) with the buffer or the protocol's
+ *   view. No receive is armed while it waits; the ring's close frees it.
  * - Delivery (stream_deliver) re-checks the stream after every call into the
  *   protocol (rule 1): closed -> the rest is dropped; paused -> the rest is held;
  *   protocol swapped by get_buffer() -> the rest goes to the new protocol.

@@ -198,6 +198,124 @@ def test_io_callbacks_run_after_the_handles_ready_before_the_wait(receive):
     assert same_on_each_loop(scenario) == ["ready before the wait", ("data_received", b"x")]
 
 
+@pytest.mark.parametrize("family", ["udp", "unix"])
+def test_datagrams_are_received_after_the_handles_ready_before_the_wait(family, tmp_path):
+    """datagram_received() (multishot receives for UDP, single-shot for Unix sockets)
+    and error_received() of an ICMP error, in asyncio's order."""
+
+    def scenario(loop):
+        log = []
+
+        class Recorder(asyncio.DatagramProtocol):
+            def datagram_received(self, data, addr):
+                log.append(("datagram_received", data))
+
+            def error_received(self, exc):
+                log.append(("error_received", type(exc).__name__))
+
+        async def main():
+            if family == "udp":
+                transport, _ = await loop.create_datagram_endpoint(
+                    Recorder, local_addr=("127.0.0.1", 0)
+                )
+                peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            else:
+                path = str(tmp_path / f"{type(loop).__name__}.sock")
+                transport, _ = await loop.create_datagram_endpoint(
+                    Recorder, local_addr=path, family=socket.AF_UNIX
+                )
+                peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            with peer:
+                await asyncio.sleep(0)  # the receive armed
+                for data in (b"one", b"two"):
+                    peer.sendto(data, transport.get_extra_info("sockname"))
+                loop.call_soon(log.append, "ready before the wait")
+                for _ in range(5):
+                    await asyncio.sleep(0)
+            transport.close()
+            if family == "udp":
+                # a connected endpoint whose peer's port is closed: ICMP port unreachable
+                closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                closed.bind(("127.0.0.1", 0))
+                addr = closed.getsockname()
+                closed.close()
+                transport, _ = await loop.create_datagram_endpoint(Recorder, remote_addr=addr)
+                await asyncio.sleep(0)  # the receive armed
+                transport.sendto(b"lost")  # (asyncio's loop: sent, and the error queued)
+                loop.call_soon(log.append, "ready before the error")
+                for _ in range(5):
+                    await asyncio.sleep(0)
+                transport.close()
+            await asyncio.sleep(0)
+
+        loop.run_until_complete(main())
+        return log
+
+    log = same_on_each_loop(scenario)
+    assert log[:3] == [
+        "ready before the wait",
+        ("datagram_received", b"one"),
+        ("datagram_received", b"two"),
+    ]
+    if family == "udp":
+        assert log[3:] == ["ready before the error", ("error_received", "ConnectionRefusedError")]
+
+
+@pytest.mark.parametrize("action", ["close", "pause_reading"])
+def test_an_icmp_error_waits_for_reading(action):
+    """A handle ready before the wait closes, or pauses, a connected UDP endpoint
+    whose receive ends with an ICMP error in that wait: asyncio's loop cancels the
+    reader's handle, so error_received() never comes after close(), and comes only
+    once reading resumes."""
+
+    def scenario(loop):
+        log = []
+
+        class Recorder(asyncio.DatagramProtocol):
+            def error_received(self, exc):
+                log.append(("error_received", type(exc).__name__))
+
+            def connection_lost(self, exc):
+                log.append("connection_lost")
+
+        def act(transport):
+            log.append(action)
+            getattr(transport, action)()
+
+        async def main():
+            closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            closed.bind(("127.0.0.1", 0))
+            addr = closed.getsockname()
+            closed.close()
+            transport, _ = await loop.create_datagram_endpoint(Recorder, remote_addr=addr)
+            await asyncio.sleep(0)  # the receive armed
+            transport.sendto(b"lost")  # ICMP port unreachable
+            loop.call_soon(act, transport)
+            for _ in range(5):
+                await asyncio.sleep(0)
+            if action == "pause_reading":
+                log.append("resume_reading")
+                transport.resume_reading()
+                for _ in range(5):
+                    await asyncio.sleep(0)
+                transport.close()
+            await asyncio.sleep(0)
+
+        loop.run_until_complete(main())
+        return log
+
+    log = same_on_each_loop(scenario)
+    if action == "close":
+        assert log == ["close", "connection_lost"]
+    else:
+        assert log == [
+            "pause_reading",
+            "resume_reading",
+            ("error_received", "ConnectionRefusedError"),
+            "connection_lost",
+        ]
+
+
 def _tcp_pair() -> tuple[socket.socket, socket.socket]:
     with socket.create_server(("127.0.0.1", 0)) as listener:
         a = socket.create_connection(listener.getsockname())
