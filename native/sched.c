@@ -1308,6 +1308,13 @@ static PyObject *LoopCore__run_once(LoopCore *self, PyObject *unused)
         PyErr_SetString(PyExc_RuntimeError, "the loop has no ring");
         return NULL;
     }
+    /* An iteration that a handle interrupted (KeyboardInterrupt, SystemExit) left the
+       deliveries of its wait undone: they go first, as asyncio's loop runs the I/O
+       callbacks it had queued before what was scheduled since. (asyncio would run
+       the interrupted iteration's remaining ready handles before them: those are
+       not told apart from the ones scheduled since, so they go after.) */
+    if ((self->ring->nrx_ready || self->ring->ndg_ready) && ring_deliver_deferred(self->ring) < 0)
+        return NULL;
     unsigned hooks = loop_hooks(self);
     double now;
     heap_drop_cancelled(self);

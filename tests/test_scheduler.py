@@ -316,6 +316,46 @@ def test_an_icmp_error_waits_for_reading(action):
         ]
 
 
+@pytest.mark.parametrize("kind", ["stream", "datagram"])
+def test_io_of_an_iteration_a_handle_interrupted_runs_before_what_was_scheduled_since(kind):
+    """A ready handle raises KeyboardInterrupt out of run_forever(): the I/O callbacks of
+    that iteration's wait still come before what is scheduled afterwards."""
+
+    def scenario(loop):
+        log = []
+
+        class Recorder(asyncio.Protocol, asyncio.DatagramProtocol):
+            def data_received(self, data):
+                log.append(data)
+
+            def datagram_received(self, data, addr):
+                log.append(data)
+
+        def boom():
+            log.append("boom")
+            raise KeyboardInterrupt
+
+        a, b = socket.socketpair(type=socket.SOCK_STREAM if kind == "stream" else socket.SOCK_DGRAM)
+        with a:
+            if kind == "stream":
+                connect = loop.create_connection(Recorder, sock=b)
+            else:
+                connect = loop.create_datagram_endpoint(Recorder, sock=b)
+            transport, _ = loop.run_until_complete(connect)
+            run_iterations(loop, 2)  # the receive armed
+            a.send(b"one")
+            loop.call_soon(boom)
+            with pytest.raises(KeyboardInterrupt):
+                loop.run_forever()
+            loop.call_soon(log.append, "after the interrupt")
+            run_iterations(loop, 3)
+            transport.close()
+            run_iterations(loop, 2)
+        return log
+
+    assert same_on_each_loop(scenario) == ["boom", b"one", "after the interrupt"]
+
+
 def _tcp_pair() -> tuple[socket.socket, socket.socket]:
     with socket.create_server(("127.0.0.1", 0)) as listener:
         a = socket.create_connection(listener.getsockname())
