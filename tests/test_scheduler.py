@@ -198,6 +198,14 @@ def test_io_callbacks_run_after_the_handles_ready_before_the_wait(receive):
     assert same_on_each_loop(scenario) == ["ready before the wait", ("data_received", b"x")]
 
 
+def _closed_udp_port() -> tuple[str, int]:
+    """A loopback UDP address nobody listens on: a datagram sent there comes back as an
+    ICMP port unreachable."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as closed:
+        closed.bind(("127.0.0.1", 0))
+        return closed.getsockname()
+
+
 @pytest.mark.parametrize("family", ["udp", "unix"])
 def test_datagrams_are_received_after_the_handles_ready_before_the_wait(family, tmp_path):
     """datagram_received() (multishot receives for UDP, single-shot for Unix sockets)
@@ -235,11 +243,9 @@ def test_datagrams_are_received_after_the_handles_ready_before_the_wait(family, 
             transport.close()
             if family == "udp":
                 # a connected endpoint whose peer's port is closed: ICMP port unreachable
-                closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                closed.bind(("127.0.0.1", 0))
-                addr = closed.getsockname()
-                closed.close()
-                transport, _ = await loop.create_datagram_endpoint(Recorder, remote_addr=addr)
+                transport, _ = await loop.create_datagram_endpoint(
+                    Recorder, remote_addr=_closed_udp_port()
+                )
                 await asyncio.sleep(0)  # the receive armed
                 transport.sendto(b"lost")  # (asyncio's loop: sent, and the error queued)
                 loop.call_soon(log.append, "ready before the error")
@@ -283,11 +289,9 @@ def test_an_icmp_error_waits_for_reading(action):
             getattr(transport, action)()
 
         async def main():
-            closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            closed.bind(("127.0.0.1", 0))
-            addr = closed.getsockname()
-            closed.close()
-            transport, _ = await loop.create_datagram_endpoint(Recorder, remote_addr=addr)
+            transport, _ = await loop.create_datagram_endpoint(
+                Recorder, remote_addr=_closed_udp_port()
+            )
             await asyncio.sleep(0)  # the receive armed
             transport.sendto(b"lost")  # ICMP port unreachable
             loop.call_soon(act, transport)
