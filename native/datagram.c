@@ -565,15 +565,8 @@ static int dgram_defer_reserve(Ring *r, Datagram *d, uint32_t need)
         d->cappend = ncap;
     }
     if (!d->on_dg_ready) {
-        if (r->ndg_ready == r->capdg_ready) {
-            uint32_t ncap = r->capdg_ready ? r->capdg_ready * 2 : 32;
-            PyObject **n = ul_realloc(r->dg_ready, ncap * sizeof(*n));
-            if (!n)
-                return -1;
-            r->dg_ready = n;
-            r->capdg_ready = ncap;
-        }
-        r->dg_ready[r->ndg_ready++] = Py_NewRef((PyObject *)d);
+        if (ul_list_push(&r->dg_ready, &r->ndg_ready, &r->capdg_ready, (PyObject *)d) < 0)
+            return -1;
         d->on_dg_ready = 1;
     }
     return 0;
@@ -637,12 +630,7 @@ void dgram_deliver_ready(Ring *r)
         dgram_deliver_pending(r, d);
         Py_DECREF(d);
     }
-    if (r->dg_ready == NULL) {
-        r->dg_ready = list;
-        r->capdg_ready = cap;
-    } else {
-        PyMem_Free(list);
-    }
+    ul_list_give_back(&r->dg_ready, &r->capdg_ready, list, cap);
 }
 
 void dgram_drop_ready(Ring *r)
@@ -743,17 +731,10 @@ static int dgram_mark_dirty(Datagram *d)
     Ring *r = d->ring;
     if (d->dirty)
         return 0;
-    if (r->ndg_dirty == r->capdg_dirty) {
-        uint32_t ncap = r->capdg_dirty ? r->capdg_dirty * 2 : 32;
-        PyObject **n = ul_realloc(r->dg_dirty, ncap * sizeof(*n));
-        if (!n) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        r->dg_dirty = n;
-        r->capdg_dirty = ncap;
+    if (ul_list_push(&r->dg_dirty, &r->ndg_dirty, &r->capdg_dirty, (PyObject *)d) < 0) {
+        PyErr_NoMemory();
+        return -1;
     }
-    r->dg_dirty[r->ndg_dirty++] = Py_NewRef((PyObject *)d);
     d->dirty = 1;
     return 0;
 }
@@ -1193,12 +1174,7 @@ void dgram_flush_dirty(Ring *r)
         dgram_submit(d);
         Py_DECREF(d);
     }
-    if (r->dg_dirty == NULL) {
-        r->dg_dirty = list;
-        r->capdg_dirty = cap;
-    } else {
-        PyMem_Free(list);
-    }
+    ul_list_give_back(&r->dg_dirty, &r->capdg_dirty, list, cap);
 }
 
 void dgram_drop_dirty(Ring *r)

@@ -435,6 +435,35 @@ void ul_faults_on(int on, unsigned long phase);
 /* PyMem_Realloc, failing on demand under fault injection. */
 void *ul_realloc(void *p, size_t n);
 
+/* The ring's lists of objects to visit after a batch or at the flush (dirty,
+   rx_ready, dg_dirty, dg_ready): a reference owned per entry; a walk takes the list
+   (items NULL, so what the walk marks starts a new one) and gives it back after. */
+static inline int ul_list_push(PyObject ***items, uint32_t *n, uint32_t *cap, PyObject *o)
+{
+    if (*n == *cap) {
+        uint32_t ncap = *cap ? *cap * 2 : 64;
+        PyObject **grown = ul_realloc(*items, ncap * sizeof(*grown));
+        if (!grown)
+            return -1; /* (no exception set) */
+        *items = grown;
+        *cap = ncap;
+    }
+    (*items)[(*n)++] = Py_NewRef(o);
+    return 0;
+}
+
+/* After a walk of a taken list: its allocation is kept, unless the walk began a new one. */
+static inline void ul_list_give_back(PyObject ***items, uint32_t *cap, PyObject **taken,
+                                     uint32_t taken_cap)
+{
+    if (*items == NULL) {
+        *items = taken;
+        *cap = taken_cap;
+    } else {
+        PyMem_Free(taken);
+    }
+}
+
 /* ------------------------------------------------------------ requests.c */
 
 void request_complete(Ring *r, ul_op *op, int res, unsigned flags);

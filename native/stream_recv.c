@@ -400,16 +400,8 @@ static int rx_mark_ready(Ring *r, Stream *s)
 {
     if (s->rx_ready)
         return 0;
-    if (r->nrx_ready == r->caprx_ready) {
-        uint32_t ncap = r->caprx_ready ? r->caprx_ready * 2 : 64;
-        PyObject **n = ul_realloc(r->rx_ready, ncap * sizeof(*n));
-        if (!n)
-            return -1;
-        r->rx_ready = n;
-        r->caprx_ready = ncap;
-    }
-    Py_INCREF(s);
-    r->rx_ready[r->nrx_ready++] = (PyObject *)s;
+    if (ul_list_push(&r->rx_ready, &r->nrx_ready, &r->caprx_ready, (PyObject *)s) < 0)
+        return -1;
     s->rx_ready = 1;
     return 0;
 }
@@ -575,12 +567,7 @@ void rx_deliver_ready(Ring *r)
             rx_deliver_one(r, s);
         Py_DECREF(s);
     }
-    if (r->rx_ready == NULL) {
-        r->rx_ready = list;
-        r->caprx_ready = cap;
-    } else {
-        PyMem_Free(list);
-    }
+    ul_list_give_back(&r->rx_ready, &r->caprx_ready, list, cap);
 }
 
 /* ------------------------------------------------------------ single-shot */
@@ -691,7 +678,7 @@ void stream_recv_complete(Ring *r, Stream *s, ul_op *op, int res, unsigned flags
             s->rx_single_res = res;
             return;
         }
-        PyErr_Clear(); /* (no room on the list: delivered now instead) */
+        /* (no room on the list: delivered now instead) */
     }
     stream_recv_single_done(r, s, op, res);
 }

@@ -465,12 +465,7 @@ void flush_dirty(Ring *r)
         }
         Py_DECREF(s);
     }
-    if (r->dirty == NULL) {
-        r->dirty = list; /* keep the allocation */
-        r->capdirty = cap;
-    } else {
-        PyMem_Free(list);
-    }
+    ul_list_give_back(&r->dirty, &r->capdirty, list, cap);
 }
 
 void drop_dirty(Ring *r)
@@ -487,18 +482,10 @@ static int stream_mark_dirty(Stream *s)
     Ring *r = s->ring;
     if (s->dirty)
         return 0;
-    if (r->ndirty == r->capdirty) {
-        uint32_t ncap = r->capdirty ? r->capdirty * 2 : 64;
-        PyObject **n = ul_realloc(r->dirty, ncap * sizeof(*n));
-        if (!n) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        r->dirty = n;
-        r->capdirty = ncap;
+    if (ul_list_push(&r->dirty, &r->ndirty, &r->capdirty, (PyObject *)s) < 0) {
+        PyErr_NoMemory();
+        return -1;
     }
-    Py_INCREF(s);
-    r->dirty[r->ndirty++] = (PyObject *)s;
     s->dirty = 1;
     return 0;
 }
