@@ -127,6 +127,29 @@ async def test_unix_datagram_endpoint(tmp_path):
     server.close()
 
 
+@pytest.mark.asyncio(loop_factories=["uvloop", "uringloop"])
+async def test_socketpair_endpoint_sends_to_its_peer_without_an_address():
+    # Not on asyncio's loop: an unnamed Unix socket's peer name is '', which its
+    # transport takes for "not connected", so sendto(data) fails fatally
+    # (sock.sendto(data, None)). uvloop's own test_socketpair sends it; so do we.
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    theirs.settimeout(5)
+    with ours, theirs:
+        transport, proto = await loop.create_datagram_endpoint(Datagrams, sock=ours)
+        assert transport.get_extra_info("peername") == ""
+        theirs.send(b"hello, socketpair")
+        data, addr = await asyncio.wait_for(proto.queue.get(), 5)
+        assert (data, addr) == (b"hello, socketpair", None)
+        transport.sendto(b"one back")
+        transport.sendto(b"and another", None)
+        assert await loop.run_in_executor(None, theirs.recv, 100) == b"one back"
+        assert await loop.run_in_executor(None, theirs.recv, 100) == b"and another"
+        assert proto.errors.empty()
+        transport.close()
+        assert await proto.closed is None
+
+
 @pytest.mark.asyncio
 async def test_connected_udp_reports_port_unreachable_to_error_received():
     loop = asyncio.get_running_loop()

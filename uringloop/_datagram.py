@@ -136,7 +136,10 @@ class RingDatagramTransport(
             self,
             protocol,
             address if address else None,
-            bool(self._extra["peername"]),
+            # connected: getpeername() answered. An unnamed Unix socket's peer (a
+            # socketpair()) is '': asyncio's truth test takes it for unconnected and
+            # fails sendto(data) fatally; uvloop sends it, and so do we.
+            self._extra["peername"] is not None,
             _zc_threshold_for(loop, sock),
             loop._zerocopy == "always",
             _EMPTY_SENDS,
