@@ -53,8 +53,11 @@ example: .venv-main/ready
 # with a uringloop choice added to their loop fixture (tests/peer_suites_plugin.py), beside the
 # same run on asyncio's loop; fails on a test only uringloop fails that
 # tests/peer_suites_known.md does not list. suites-ci: CI's slice (about two minutes).
+# Then uvloop's own tests, its classes with asyncio's expectations, on asyncio's loop and on
+# uringloop (tests/uvloop_suite.py, about two minutes).
 suites: .venv-main/ready
 	.venv-main/bin/python tests/peer_suites.py
+	.venv-main/bin/python tests/uvloop_suite.py
 
 suites-ci: .venv-main/ready
 	.venv-main/bin/python tests/peer_suites.py --slice --reference-when-failing

@@ -135,18 +135,23 @@ def aiohttp_version(override: str | None) -> str:
         ) from None
 
 
-def fetch_sdist(version: str, cache: Path) -> Path:
-    """The unpacked sdist of aiohttp `version` in `cache`, downloaded when missing."""
-    source = cache / f"aiohttp-{version}"
-    if (source / "tests" / "conftest.py").is_file() and (source / "pytest.ini").is_file():
+def fetch_sdist(version: str, cache: Path, name: str = "aiohttp") -> Path:
+    """The unpacked sdist of `name` `version` in `cache` (with its tests/conftest.py or
+    tests/__init__.py), downloaded when missing."""
+    source = cache / f"{name}-{version}"
+
+    def has_tests() -> bool:
+        return any((source / "tests" / f).is_file() for f in ("conftest.py", "__init__.py"))
+
+    if has_tests():
         return source
     cache.mkdir(parents=True, exist_ok=True)
-    archive = cache / f"aiohttp-{version}.tar.gz"
+    archive = cache / f"{name}-{version}.tar.gz"
     if not archive.is_file():
-        log(f"downloading the sdist of aiohttp {version}")
+        log(f"downloading the sdist of {name} {version}")
         run(
             [sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:"]
-            + ["--no-deps", "--dest", str(cache), f"aiohttp=={version}"]
+            + ["--no-deps", "--dest", str(cache), f"{name}=={version}"]
         )
         if not archive.is_file():
             raise SystemExit(f"pip download left no {archive}")
@@ -155,9 +160,9 @@ def fetch_sdist(version: str, cache: Path) -> Path:
         if hasattr(tarfile, "data_filter"):
             tar.extractall(cache, filter="data")
         else:  # an interpreter without the extraction filters (before 3.11.4)
-            tar.extractall(cache)  # PyPI's own aiohttp sdist
-    if not (source / "tests" / "conftest.py").is_file():
-        raise SystemExit(f"{archive} holds no tests/conftest.py under aiohttp-{version}/")
+            tar.extractall(cache)  # PyPI's own sdist
+    if not has_tests():
+        raise SystemExit(f"{archive} holds no tests/ package under {name}-{version}/")
     return source
 
 
